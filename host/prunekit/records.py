@@ -1,0 +1,137 @@
+"""Records that cross the hook boundary.
+
+Every value a hook receives or returns is one of these attrs classes (or a plain tensor), so that plugins
+written by different people agree on one vocabulary. Tensors live in the weight's own index space unless a
+field says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+import torch
+
+LayerKind = Literal["conv2d", "linear"]
+
+
+@attrs.frozen
+class LayerInfo:
+    """What a component may know about one prunable layer (no reference to the module itself).
+
+    ``weight_shape`` is PyTorch's: conv ``[Cout, Cin/groups, kh, kw]``, linear ``[out, in]``. The GEMM view
+    every block pattern is stated on is ``[Cout, Cin·kh·kw]`` with column order ``(cin, kh, kw)``.
+    """
+
+    name: str
+    kind: LayerKind
+    weight_shape: tuple[int, ...]
+    has_bias: bool = False
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    index: int = 0  # position among the selected layers, in module order
+    count: int = 1  # number of selected layers
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def gemm_shape(self) -> tuple[int, int]:
+        """``(M, K)`` of the weight viewed as ``[Cout, Cin·kh·kw]``."""
+        k = 1
+        for d in self.weight_shape[1:]:
+            k *= d
+        return (self.weight_shape[0], k)
+
+    @property
+    def numel(self) -> int:
+        m, k = self.gemm_shape
+        return m * k
+
+
+@attrs.frozen
+class ScheduleDecision:
+    """What the schedule says at one step.
+
+    ``sparsity`` is the fraction of the layer's weights to remove now (already ramped by the schedule);
+    ``update`` says whether masks are recomputed at this step; ``rewind`` asks the host to restore the
+    weights saved at ``rewind_step`` (lottery tickets); ``final`` means no later step changes the masks.
+    """
+
+    step: int
+    sparsity: float
+    update: bool
+    final: bool = False
+    rewind: bool = False
+    note: str = ""
+
+
+@attrs.frozen
+class Selection:
+    """The output of the select stage for one layer.
+
+    ``mask``: bool tensor, the weight's shape and index space (True = kept).
+    ``perms``: one entry per weight dim, ``None`` for identity, else a LongTensor ``p`` with ``p[slot] =
+    original index``: in permuted coordinates (``weight[p0][:, p1]...``) the mask is block-shaped.
+    ``block``: block extent per weight dim in permuted coordinates (``(1, 1, 1, 1)`` for unstructured).
+    ``soft``: pruned weights keep receiving gradients (straight-through), plus ``pruned_decay``·w on them.
+    ``meta``: small JSON-able facts for the report (criterion, policy, achieved counts, ...).
+    """
+
+    mask: torch.Tensor
+    perms: tuple[torch.Tensor | None, ...] = ()
+    block: tuple[int, ...] = ()
+    soft: bool = False
+    pruned_decay: float = 0.0
+    meta: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - float(self.mask.float().mean())
+
+    def perm(self, dim: int) -> torch.Tensor | None:
+        return self.perms[dim] if dim < len(self.perms) else None
+
+
+@attrs.frozen
+class Layout:
+    """A packed, kernel-ready form of one masked weight.
+
+    ``format`` names the packing (``csr``, ``bsr``, ``pack-1xn`` ...); ``tensors`` hold everything the kernel
+    reads (values, indices, pointers, permutations); ``meta`` holds small scalars (block size, uniform or
+    not, ...). ``dense_shape`` is the weight's shape.
+    """
+
+    format: str
+    dense_shape: tuple[int, ...]
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed storage: every tensor the kernel needs."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        n = 1
+        for d in self.dense_shape:
+            n *= d
+        return 4 * n
+
+
+@attrs.frozen
+class CompiledLayer:
+    """What build_kernel returns: the replacement module and the name of what runs in it.
+
+    ``module`` computes exactly the masked dense layer's function (bias included). ``kernel`` names the
+    code path that runs (``"cpu-1xn/avx512"``, ``"dense-fallback"`` ...) and ``reason`` says why, when a
+    fallback was chosen.
+    """
+
+    module: torch.nn.Module
+    kernel: str
+    reason: str = ""

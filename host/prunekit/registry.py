@@ -1,0 +1,158 @@
+"""registry.toml: named pipelines, structured with cattrs so that every error names its key path.
+
+Format::
+
+    default = "han-lenet"
+
+    [pipelines.han-lenet]
+    description = "..."
+    schedule = "iterative"      # one component name per stage
+    score = "magnitude"
+    select = "threshold"
+    layout = "csr"              # optional (with kernel)
+    kernel = "csr"              # optional: without it the model runs with masked dense weights
+    [pipelines.han-lenet.params]
+    sparsity = 0.9              # host keys and each component's own Params fields, flat
+
+    [distributions.prunekit-magnitude]   # catalogue: who provides what, for install hints
+    path = "plugins/magnitude"
+    provides = ["score.magnitude", "select.threshold", "layout.csr", "kernel.csr"]
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
+from prunekit.errors import RegistryError
+from prunekit.hookspecs import STAGES
+
+ENV_REGISTRY = "PRUNEKIT_REGISTRY"
+
+
+@attrs.frozen
+class PipelineSpec:
+    schedule: str
+    score: str
+    select: str
+    layout: str | None = None
+    kernel: str | None = None
+    description: str = ""
+    params: dict[str, Any] = attrs.field(factory=dict)
+
+    def component(self, stage: str) -> str | None:
+        return getattr(self, stage)
+
+
+@attrs.frozen
+class DistributionSpec:
+    path: str | None = None
+    provides: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Registry:
+    pipelines: dict[str, PipelineSpec]
+    default: str | None = None
+    distributions: dict[str, DistributionSpec] = attrs.field(factory=dict)
+    source: Path = Path("registry.toml")
+    root: Path = Path(".")
+
+    def pipeline(self, name: str | None) -> tuple[str, PipelineSpec]:
+        if name is None:
+            if not self.default:
+                raise RegistryError(f"{self.source}: no pipeline named and no 'default' key; add default = \"NAME\"")
+            name = self.default
+        if name not in self.pipelines:
+            known = ", ".join(sorted(self.pipelines))
+            raise RegistryError(f"{self.source}: no pipeline '{name}' (known: {known}); check the name or add [pipelines.{name}]")
+        return name, self.pipelines[name]
+
+    def provider(self, stage: str, name: str) -> tuple[str, DistributionSpec] | None:
+        """The catalogued distribution that provides ``stage.name``, if any."""
+        for dist, spec in self.distributions.items():
+            if f"{stage}.{name}" in spec.provides:
+                return dist, spec
+        return None
+
+    def install_hint(self, dist: str) -> str:
+        spec = self.distributions.get(dist)
+        if spec and spec.path:
+            return f"pip install -e {(self.root / spec.path).as_posix()}"
+        return f"pip install {dist}"
+
+
+def strict_converter() -> cattrs.Converter:
+    """A converter that refuses extra keys and never coerces between str, bool and numbers."""
+    conv = cattrs.Converter(forbid_extra_keys=True)
+
+    def exact(kind: type, accept: tuple[type, ...]):  # noqa: ANN202
+        def hook(value: Any, _t: Any) -> Any:
+            if isinstance(value, bool) and kind is not bool:
+                raise TypeError(f"expected {kind.__name__}, got a boolean")
+            if not isinstance(value, accept):
+                raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+            return kind(value)
+
+        return hook
+
+    conv.register_structure_hook(str, exact(str, (str,)))
+    conv.register_structure_hook(bool, exact(bool, (bool,)))
+    conv.register_structure_hook(int, exact(int, (int,)))
+    conv.register_structure_hook(float, exact(float, (int, float)))
+    return conv
+
+
+def describe_structure_error(exc: Exception, prefix: str) -> str:
+    """Flatten a cattrs error tree into one line of ``key.path: problem`` items."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return f"{prefix}: unknown key(s) {', '.join(sorted(exc.extra_fields))}"
+    messages = cattrs.transform_error(exc, path=prefix) if isinstance(exc, ClassValidationError) else [f"{prefix}: {exc}"]
+    return "; ".join(m.replace("$.", "").replace("$", "") for m in messages)
+
+
+def _check_stage_keys(name: str, raw: Any, source: Path) -> None:
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{source}: pipelines.{name} must be a table; write [pipelines.{name}]")
+    allowed = set(STAGES) | {"description", "params"}
+    for key in raw:
+        if key not in allowed:
+            raise RegistryError(
+                f"{source}: pipelines.{name}.{key}: unknown stage or key; stages are {', '.join(STAGES)} "
+                f"(plus description and params)"
+            )
+    for stage in STAGES:
+        if stage not in ("layout", "kernel") and stage not in raw:
+            raise RegistryError(f"{source}: pipelines.{name}.{stage}: missing; name the component for this stage")
+    if ("kernel" in raw) != ("layout" in raw):
+        raise RegistryError(f"{source}: pipelines.{name}: 'layout' and 'kernel' go together; give both or neither")
+
+
+def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
+    """Read and validate a registry file (default: $PRUNEKIT_REGISTRY, else ./registry.toml)."""
+    source = Path(path or os.environ.get(ENV_REGISTRY) or "registry.toml")
+    if not source.is_file():
+        raise RegistryError(f"{source}: registry file not found; pass --registry PATH or run from the project root")
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"{source}: TOML syntax error: {exc}; fix the line it names") from None
+    pipelines = raw.get("pipelines")
+    if not isinstance(pipelines, dict) or not pipelines:
+        raise RegistryError(f"{source}: no [pipelines.NAME] table; add at least one pipeline")
+    for name, body in pipelines.items():
+        _check_stage_keys(name, body, source)
+    conv = strict_converter()
+    try:
+        reg = conv.structure(raw, Registry)
+    except Exception as exc:  # cattrs raises a tree of errors; flatten it to one line
+        raise RegistryError(f"{source}: {describe_structure_error(exc, 'registry')}") from None
+    if reg.default is not None and reg.default not in reg.pipelines:
+        raise RegistryError(f"{source}: default: no pipeline '{reg.default}'; set default to one of {', '.join(reg.pipelines)}")
+    return attrs.evolve(reg, source=source, root=source.resolve().parent)
