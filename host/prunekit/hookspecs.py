@@ -70,6 +70,7 @@ def prunekit_select_mask(
     weight: torch.Tensor,
     scores: torch.Tensor,
     sparsity: float,
+    target: float,
     previous: Selection | None,
     params: Any,
     generator: torch.Generator,
@@ -77,6 +78,8 @@ def prunekit_select_mask(
 ) -> Selection:
     """Turn scores into a keep-mask (and any permutation) for one layer at ``sparsity``.
 
+    ``sparsity`` is what the schedule asks for now; ``target`` the pipeline's final sparsity (progressive
+    methods with regrowth prune to ``target`` and regrow the difference).
     ``previous`` is this layer's last Selection (``None`` at first); ``all_scores`` maps every selected
     layer's name to its scores at this step, for criteria that rank across layers (global thresholds).
 

@@ -308,6 +308,7 @@ class Pipeline:
                 weight=weights[name],
                 scores=all_scores[name],
                 sparsity=sparsity,
+                target=max(self.host.sparsity, sparsity),
                 previous=st.selection,
                 params=ss,
                 generator=self._generator(step + 1_000_003, st.info.index),
