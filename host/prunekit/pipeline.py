@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -55,10 +56,17 @@ class HostParams:
     seed: int = 0
     epochs: int = 4
     lr: float = 0.01
+    optimizer: str = "sgd"
     model: str = "lenet"
+    dense_epochs: int = 15
+    batch_size: int = 64
 
     def __attrs_post_init__(self) -> None:
         check_sparsity(self.sparsity, "sparsity")
+        if self.optimizer not in ("sgd", "adam"):
+            raise PrunekitError(f"optimizer = '{self.optimizer}' is unknown; use 'sgd' or 'adam'")
+        if self.epochs < 1 or self.dense_epochs < 0 or self.batch_size < 1:
+            raise PrunekitError("epochs must be >= 1, dense_epochs >= 0 and batch_size >= 1")
 
 
 def check_sparsity(value: float, what: str) -> None:
@@ -325,12 +333,12 @@ class Pipeline:
         return out
 
     def sparsity(self) -> float:
-        """Fraction of all selected layers' weights currently masked out."""
+        """Fraction of all selected layers' weights currently pruned (0 before the first selection)."""
         kept = total = 0
         for st in self.layers.values():
-            m = mask_of(st.module).mask if _parametrized(st.module) else (st.module.weight != 0)
-            kept += int(m.sum())
-            total += m.numel()
+            n = math.prod(st.info.weight_shape)
+            kept += int(st.selection.mask.sum()) if st.selection is not None else n
+            total += n
         return 1.0 - kept / max(total, 1)
 
     # ---------------------------------------------------------------- finishing

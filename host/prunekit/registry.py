@@ -84,7 +84,7 @@ class Registry:
     def install_hint(self, dist: str) -> str:
         spec = self.distributions.get(dist)
         if spec and spec.path:
-            return f"pip install -e {(self.root / spec.path).as_posix()}"
+            return f"pip install -e {os.path.relpath(self.root / spec.path)}"
         return f"pip install {dist}"
 
 

@@ -1,0 +1,201 @@
+"""The `prunekit` command: plugins, pipelines, run, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from prunekit.errors import PrunekitError
+from prunekit.hookspecs import STAGES
+from prunekit.plugins import installed_components
+from prunekit.registry import load_registry
+from prunekit.report import format_table
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    comps = sorted(installed_components().values(), key=lambda c: (STAGES.index(c.stage), c.name))
+    rows = [
+        {"stage": c.stage, "name": c.name, "distribution": c.distribution, "version": c.version, "target": c.target, "summary": c.summary()}
+        for c in comps
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for stage in STAGES:
+        if not any(r["stage"] == stage for r in rows):
+            rows.append({"stage": stage, "name": "(none installed)"})
+    rows.sort(key=lambda r: (STAGES.index(r["stage"]), r["name"]))
+    print(format_table(rows, [("stage", "stage"), ("name", "component"), ("distribution", "distribution"), ("version", "version"), ("summary", "summary")]))
+    return 0
+
+
+def pipeline_status(reg: Any) -> list[dict[str, Any]]:
+    found = installed_components()
+    rows = []
+    for name, spec in reg.pipelines.items():
+        missing = []
+        for stage in STAGES:
+            comp = spec.component(stage)
+            if comp is None or (stage, comp) in found:
+                continue
+            prov = reg.provider(stage, comp)
+            missing.append(
+                {"stage": stage, "component": comp, "distribution": prov[0] if prov else None, "install": reg.install_hint(prov[0]) if prov else None}
+            )
+        rows.append(
+            {
+                "name": name,
+                "default": name == reg.default,
+                "ready": not missing,
+                "components": {s: spec.component(s) for s in STAGES if spec.component(s)},
+                "missing": missing,
+                "description": spec.description,
+            }
+        )
+    return rows
+
+
+def cmd_pipelines(args: argparse.Namespace) -> int:
+    reg = load_registry(args.registry)
+    rows = pipeline_status(reg)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = []
+    for r in rows:
+        if r["ready"]:
+            status = "ready"
+        else:
+            by_dist: dict[str, list[str]] = {}
+            for m in r["missing"]:
+                key = f"{m['distribution']}: {m['install']}" if m["distribution"] else "no known provider"
+                by_dist.setdefault(key, []).append(f"{m['stage']}.{m['component']}")
+            status = "NOT READY, install " + "; ".join(f"{k} (for {', '.join(v)})" for k, v in by_dist.items())
+        table.append({"name": r["name"] + (" (default)" if r["default"] else ""), "stages": " > ".join(r["components"].values()), "status": status})
+    print(format_table(table, [("name", "pipeline"), ("stages", "schedule > score > select [> layout > kernel]"), ("status", "status")]))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from prunekit.pipeline import Pipeline
+    from prunekit.runjob import run_job
+
+    pipe = Pipeline.load(args.pipeline, args.registry)
+    progress = not args.no_progress and sys.stderr.isatty()
+    report = run_job(
+        pipe,
+        model_name=args.model,
+        data=args.data,
+        epochs=args.epochs,
+        threads=args.threads,
+        out=args.out,
+        dense_path=args.dense,
+        resume=args.resume,
+        progress=progress,
+        latency_batch=args.batch,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(
+        format_table(
+            report["layers"],
+            [("name", "layer"), ("shape", "shape"), ("pattern", "pattern"), ("sparsity", "sparsity"), ("dense_bytes", "dense B"),
+             ("packed_bytes", "packed B"), ("kernel", "kernel")],
+        )
+    )
+    line = (
+        f"\n{report['pipeline']} on {report['model']}/{report['data']}: dense {report['dense_accuracy']:.2f}% -> "
+        f"pruned {report['pruned_accuracy']:.2f}% at sparsity {report['sparsity']:.4f}"
+    )
+    if "speedup" in report:
+        line += (
+            f"; latency batch {report['latency_batch']}, {report['threads']} threads: dense {report['dense_latency_ms']:.3f} ms, "
+            f"sparse {report['sparse_latency_ms']:.3f} ms ({report['speedup']:.2f}x)"
+        )
+    print(line + f"\nreport: {args.out}/report.json")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from prunekit.bench import run_bench
+    from prunekit.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.pipeline, args.registry)
+    res = run_bench(pipe, args.model or pipe.host.model, args.batch, args.threads, args.sparsity, args.repeats, layers=not args.no_layers)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(
+        format_table(
+            res["layers"],
+            [("name", "layer"), ("shape", "shape"), ("sparsity", "sparsity"), ("kernel", "kernel"), ("dense_ms", "dense ms"),
+             ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("max_rel_err", "max rel err")],
+        )
+    )
+    print(
+        f"\n{res['pipeline']} {res['model']} batch {res['batch']} threads {res['threads']} sparsity {res['achieved_sparsity']:.4f}: "
+        f"dense {res['model_dense_ms']:.3f} ms, sparse {res['model_sparse_ms']:.3f} ms, speedup {res['speedup']:.2f}x, "
+        f"max rel err {res['max_rel_err']:.2e}, select {res['select_s']:.2f} s"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunekit", description="Prune networks into hardware-friendly patterns and run them on sparse kernels.")
+    sub = p.add_subparsers(dest="command")
+
+    sp = sub.add_parser("plugins", help="list installed components by stage")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_plugins)
+
+    sp = sub.add_parser("pipelines", help="list the registry's pipelines, ready or what to install")
+    sp.add_argument("--registry", default=None, help="registry file (default: $PRUNEKIT_REGISTRY or ./registry.toml)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_pipelines)
+
+    sp = sub.add_parser("run", help="train (or load) dense, prune and fine-tune, evaluate, compile, report")
+    sp.add_argument("pipeline", nargs="?", default=None, help="pipeline name (default: the registry's default)")
+    sp.add_argument("--registry", default=None)
+    sp.add_argument("--model", default=None, help="model name (default: the pipeline's 'model' param)")
+    sp.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory with train/ and val/")
+    sp.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the pipeline's)")
+    sp.add_argument("--threads", type=int, default=None)
+    sp.add_argument("--batch", type=int, default=1, help="batch size for the latency measurement")
+    sp.add_argument("--out", default="runs/latest", help="output directory (report.json, state.pt, pruned.pt)")
+    sp.add_argument("--dense", default=None, help="trained dense weights (state_dict file) instead of training")
+    sp.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("bench", help="time a pipeline's compiled kernels against dense, layer by layer")
+    sp.add_argument("pipeline", nargs="?", default=None)
+    sp.add_argument("--registry", default=None)
+    sp.add_argument("--model", default=None)
+    sp.add_argument("--batch", type=int, default=1)
+    sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--sparsity", type=float, default=0.75)
+    sp.add_argument("--repeats", type=int, default=20)
+    sp.add_argument("--no-layers", action="store_true", help="time only the whole model")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # no arguments: the main job on the default pipeline
+        args = parser.parse_args(["run", *(argv or [])])
+    try:
+        return args.func(args)
+    except PrunekitError as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
