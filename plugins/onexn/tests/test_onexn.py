@@ -20,7 +20,9 @@ def conv_info(cout: int = 64, cin: int = 32, k: int = 3, name: str = "conv", gro
 
 
 def select(layer, weight, scores, sparsity, params):  # noqa: ANN001, ANN201
-    return OneXNSelect().prunekit_select_mask(layer=layer, weight=weight, scores=scores, sparsity=sparsity, params=params)
+    return OneXNSelect().prunekit_select_mask(
+        layer=layer, weight=weight, scores=scores, sparsity=sparsity, params=params
+    )
 
 
 def l1(layer, weight, params):  # noqa: ANN001, ANN201

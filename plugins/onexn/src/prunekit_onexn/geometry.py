@@ -22,7 +22,9 @@ COUT_POLICIES = ("error", "ragged", "skip")
 def check_common(n: int, granularity: str, cout_policy: str) -> None:
     """Validate the parameters every onexn component shares (called from each Params)."""
     if n not in SUPPORTED_N:
-        raise SelectionError(f"n = {n} is not a supported 1xN block height; use one of {', '.join(map(str, SUPPORTED_N))}")
+        raise SelectionError(
+            f"n = {n} is not a supported 1xN block height; use one of {', '.join(map(str, SUPPORTED_N))}"
+        )
     if granularity not in GRANULARITIES:
         raise SelectionError(
             f"granularity = '{granularity}' is unknown; use 'kernel' (N channels x 1 input channel x all kh*kw taps) "
@@ -80,7 +82,7 @@ class BlockGrid:
         if layer.kind == "conv2d" and layer.groups != 1:
             raise SelectionError(
                 f"layer {layer.name} is a grouped/depthwise conv (groups={layer.groups}); 1xN blocks are defined for "
-                f"groups=1 only: add it to exclude (exclude = [\"{layer.name}\"]) or keep skip_grouped = true"
+                f'groups=1 only: add it to exclude (exclude = ["{layer.name}"]) or keep skip_grouped = true'
             )
         cout = layer.weight_shape[0]
         if cout < n or cout % n:
@@ -89,12 +91,12 @@ class BlockGrid:
             if cout < n:
                 raise SelectionError(
                     f"layer {layer.name} has Cout={cout} < N={n}: too small for one 1xN block; exclude it, "
-                    f"set cout_policy = \"skip\", or use a smaller n"
+                    f'set cout_policy = "skip", or use a smaller n'
                 )
             if cout_policy == "error":
                 raise SelectionError(
-                    f"layer {layer.name}: Cout={cout} is not a multiple of N={n}; set cout_policy = \"ragged\" "
-                    f"(last block-row has {cout % n} channels) or \"skip\" (layer stays dense), exclude the layer, "
+                    f'layer {layer.name}: Cout={cout} is not a multiple of N={n}; set cout_policy = "ragged" '
+                    f'(last block-row has {cout % n} channels) or "skip" (layer stays dense), exclude the layer, '
                     "or choose an n that divides Cout"
                 )
         if layer.kind == "linear":

@@ -40,7 +40,10 @@ class OneXNSelect:
         if grid is None:
             return Selection(
                 mask=torch.ones(weight.shape, dtype=torch.bool),
-                meta={"pattern": _pattern(params), "skipped": f"Cout={weight.shape[0]} not a multiple of N={params.n} (cout_policy=skip)"},
+                meta={
+                    "pattern": _pattern(params),
+                    "skipped": f"Cout={weight.shape[0]} not a multiple of N={params.n} (cout_policy=skip)",
+                },
             )
         if tuple(scores.shape) != grid.shape:
             raise SelectionError(
