@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0
     except KeyboardInterrupt:
         print("prunekit: interrupted", file=sys.stderr)
         return 130

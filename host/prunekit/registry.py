@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import os
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.v import format_exception
 
 from prunekit.errors import RegistryError
 from prunekit.hookspecs import STAGES
@@ -106,6 +108,18 @@ def strict_converter() -> cattrs.Converter:
     conv.register_structure_hook(bool, exact(bool, (bool,)))
     conv.register_structure_hook(int, exact(int, (int,)))
     conv.register_structure_hook(float, exact(float, (int, float)))
+
+    def list_factory(t: Any) -> Any:
+        (item,) = typing.get_args(t) or (Any,)
+
+        def hook(value: Any, _t: Any) -> list[Any]:
+            if not isinstance(value, list):
+                raise TypeError(f"expected a list, got {type(value).__name__} {value!r}; write [{value!r}]")
+            return [conv.structure(v, item) for v in value]
+
+        return hook
+
+    conv.register_structure_hook_factory(lambda t: typing.get_origin(t) is list, list_factory)
     return conv
 
 
@@ -113,7 +127,17 @@ def describe_structure_error(exc: Exception, prefix: str) -> str:
     """Flatten a cattrs error tree into one line of ``key.path: problem`` items."""
     if isinstance(exc, ForbiddenExtraKeysError):
         return f"{prefix}: unknown key(s) {', '.join(sorted(exc.extra_fields))}"
-    messages = cattrs.transform_error(exc, path=prefix) if isinstance(exc, ClassValidationError) else [f"{prefix}: {exc}"]
+    def fmt(e: BaseException, t: Any) -> str:
+        if isinstance(e, KeyError):
+            return "required parameter missing; add it"
+        if isinstance(e, ForbiddenExtraKeysError):
+            return f"unknown key(s) {', '.join(sorted(e.extra_fields))}"
+        return str(e) or format_exception(e, t)
+
+    if isinstance(exc, ClassValidationError):
+        messages = cattrs.transform_error(exc, path=prefix, format_exception=fmt)
+    else:
+        messages = [f"{prefix}: {exc}"]
     return "; ".join(m.replace("$.", "").replace("$", "") for m in messages)
 
 
