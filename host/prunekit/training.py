@@ -45,7 +45,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        total += float(loss) * len(y)
+        total += float(loss.detach()) * len(y)
         n += len(y)
         bar.set_postfix(loss=f"{total / n:.4f}")
     return total / max(n, 1)
