@@ -1,0 +1,110 @@
+"""Block geometry: from a Selection to the GEMM-view row order, column order and row-block height.
+
+The kernel works on the GEMM view ``W2 = weight.reshape(Cout, Cin*kh*kw)`` (column order ``(cin, kh, kw)``).
+A Selection states its blocks in *permuted* coordinates (``weight[p0][:, p1]...``); we turn that into
+
+* ``row_order[slot]`` -- original output row of each permuted row (``perms[0]`` or identity); row-blocks are
+  ``bm`` consecutive slots, so the kernel writes output row ``row_order[r]``;
+* ``col_order[pos]`` -- original GEMM column at each position of the *grouping order* in which a row-block's
+  kept columns are listed and cut into ``tl.dot`` chunks.
+
+Grouping order (a deliberate choice, tested): block-major, and inside one block **tap-major**
+``(kh, kw, cin)``. For a TETRIS conv block (32 out x 32 in x 3x3) a block is 32*9 = 288 columns; with chunks of
+32 each chunk then holds one tap of 32 in-channels, so a block is exactly 9 chunks and a chunk never mixes
+taps. For Linear and for 1xN conv blocks (one in-channel x all taps: a run of kh*kw columns) it is the plain
+``(cin, kh, kw)`` order of permuted slots. Correctness never depends on this order (every kept column is
+listed with its own original index); only how well blocks fill chunks does.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from prunekit.errors import LayoutError
+from prunekit.records import LayerInfo, Selection
+
+MAX_ROW_BLOCK = 128  # largest tl.dot tile height we generate; taller row-blocks would spill registers
+
+
+@attrs.frozen
+class Geometry:
+    bm: int  # row-block height (output rows sharing one list of kept columns)
+    row_order: torch.Tensor  # [M] long: original output row of each permuted slot
+    col_order: torch.Tensor  # [K] long: original GEMM column at each grouping position
+    block: tuple[int, ...]  # the Selection's block with 0 ("full") resolved
+    pattern: str  # words for reports: "1x32 (32 out x 1 in x 3x3 taps)", "32x32", ...
+
+
+def _perm(selection: Selection, dim: int, n: int, layer: LayerInfo) -> torch.Tensor:
+    p = selection.perm(dim)
+    if p is None:
+        return torch.arange(n)
+    p = torch.as_tensor(p).to(device="cpu", dtype=torch.long).reshape(-1)
+    if p.numel() != n or not torch.equal(torch.sort(p).values, torch.arange(n)):
+        raise LayoutError(
+            f"layer {layer.name}: Selection.perms[{dim}] is not a permutation of range({n}); "
+            "the select component must give p[slot] = original index for every slot"
+        )
+    return p
+
+
+def resolve_block(layer: LayerInfo, selection: Selection) -> tuple[int, ...]:
+    shape = tuple(layer.weight_shape)
+    block = tuple(int(b) for b in selection.block)
+    if not block:
+        raise LayoutError(
+            f"layer {layer.name}: Selection.block is empty; the triton-block layout needs the block shape "
+            f"(e.g. (32, 32) or (N, 1, kh, kw)) from the select component"
+        )
+    if len(block) != len(shape):
+        raise LayoutError(
+            f"layer {layer.name}: Selection.block {block} has {len(block)} dims but the weight {shape} has "
+            f"{len(shape)}; give one block extent per weight dim"
+        )
+    resolved = tuple(n if b == 0 else b for b, n in zip(block, shape))
+    if any(b < 0 for b in resolved):
+        raise LayoutError(f"layer {layer.name}: Selection.block {block} has a negative extent")
+    return resolved
+
+
+def geometry(layer: LayerInfo, selection: Selection) -> Geometry:
+    if layer.groups != 1:
+        raise LayoutError(
+            f"layer {layer.name}: grouped conv (groups={layer.groups}) is not supported by triton-block; "
+            "keep grouped convs dense (skip_grouped = true)"
+        )
+    block = resolve_block(layer, selection)
+    bm = block[0]
+    if not 1 <= bm <= MAX_ROW_BLOCK or bm & (bm - 1):
+        raise LayoutError(
+            f"layer {layer.name}: block height {bm} (output rows per block) cannot be a tl.dot tile; "
+            f"use a power of two up to {MAX_ROW_BLOCK} (16, 32, 64; 1xN with N < 16 is padded to 16 rows)"
+        )
+    shape = tuple(layer.weight_shape)
+    m = shape[0]
+    row_order = _perm(selection, 0, m, layer)
+    if layer.kind == "linear":
+        cin, kh, kw = shape[1], 1, 1
+        bc, bh, bw = block[1], 1, 1
+        perms = (_perm(selection, 1, cin, layer), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    else:
+        cin, kh, kw = shape[1], shape[2], shape[3]
+        bc, bh, bw = block[1], block[2], block[3]
+        perms = (_perm(selection, 1, cin, layer), _perm(selection, 2, kh, layer), _perm(selection, 3, kw, layer))
+    pc, ph, pw = perms
+    # original GEMM column of every permuted slot (c, h, w)
+    orig = pc[:, None, None] * (kh * kw) + ph[None, :, None] * kw + pw[None, None, :]
+    if bc >= 1 and bh >= 1 and bw >= 1 and cin % bc == 0 and kh % bh == 0 and kw % bw == 0:
+        grid = orig.reshape(cin // bc, bc, kh // bh, bh, kw // bw, bw)
+        # block-major (channel block, tap block), then tap-major (kh, kw, cin) inside a block
+        col_order = grid.permute(0, 2, 4, 3, 5, 1).reshape(-1)
+    else:  # blocks do not tile the dims: plain permuted (cin, kh, kw) order is still exact
+        col_order = orig.reshape(-1)
+    if layer.kind == "linear":
+        pattern = f"1x{bm} ({bm} out x 1 in)" if bc == 1 else f"{bm}x{bc} ({bm} out x {bc} in)"
+    elif bc == 1:
+        taps = f"{bh}x{bw} taps" if (bh, bw) == (kh, kw) else f"{bh}x{bw} of {kh}x{kw} taps"
+        pattern = f"1x{bm} ({bm} out x 1 in x {taps})"
+    else:
+        pattern = f"{bm}x{bc}x{bh}x{bw} ({bm} out x {bc} in x {bh}x{bw} taps)"
+    return Geometry(bm=bm, row_order=row_order, col_order=col_order, block=block, pattern=pattern)

@@ -1,0 +1,136 @@
+"""Triton kernels: gathered-K block-sparse GEMM for Linear and implicit-GEMM Conv2d.
+
+Program = (row-block, P-tile of ``BN`` output positions); the row-block index runs fastest, so every
+row-block of one P-tile is scheduled together and the activations it gathers stay in L2. Each program
+walks its row-block's chunks ``crow[rb]..crow[rb+1]``: load ``BK`` original column indices, gather the
+``[BN, BK]`` activation tile at those columns (Linear: ``x[p, col]``; Conv: ``x[n, cin, oh*s-pad+kh*d,
+ow*s-pad+kw*d]`` decoded from ``col = cin*KH*KW + kh*KW + kw``, zero outside the image), load the
+``[BK, BM]`` weight tile and ``tl.dot`` into an fp32 accumulator. Epilogue: bias, cast, store to the
+original output rows ``rows[rb, m]``. Rows with no kept column still get their bias (never left unwritten).
+
+The same Python functions are compiled two ways: ``JITFunction`` (+ ``triton.autotune`` keyed on the GEMM
+shape, choice cached per key by Triton) for CUDA tensors, and ``InterpretedFunction`` with one fixed small
+config for CPU tensors under ``TRITON_INTERPRET=1``. The interpreter's ``tl.dot`` returns garbage for bf16
+operands (numpy has no bfloat16; checked on triton 3.8.0), so there the bf16 tiles are upcast to fp32
+before the dot (``UPCAST``): bf16 x bf16 products are exact in fp32, as in the tensor-core MMA with fp32
+accumulation, so only the summation order differs. The native bf16 dot runs only on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+
+def _linear_kernel(
+    x_ptr, vals_ptr, cols_ptr, crow_ptr, rows_ptr, bias_ptr, y_ptr,
+    M, K, P, NRB,
+    stride_xp, stride_xk, stride_yp, stride_ym,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BM_TILE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rb = pid % NRB
+    pt = pid // NRB
+    offs_p = pt * BN + tl.arange(0, BN)
+    p_ok = offs_p < P
+    offs_m = tl.arange(0, BM_TILE)
+    m_ok = offs_m < BM
+    offs_k = tl.arange(0, BK)
+    start = tl.load(crow_ptr + rb)
+    end = tl.load(crow_ptr + rb + 1)
+    x_rows = x_ptr + offs_p.to(tl.int64)[:, None] * stride_xp
+    acc = tl.zeros((BN, BM_TILE), dtype=tl.float32)
+    for c in range(start, end):
+        kidx = tl.load(cols_ptr + c * BK + offs_k)
+        x = tl.load(x_rows + kidx[None, :] * stride_xk, mask=p_ok[:, None] & (kidx >= 0)[None, :], other=0.0)
+        w = tl.load(vals_ptr + c * (BK * BM) + offs_k[:, None] * BM + offs_m[None, :], mask=m_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
+    rows = tl.load(rows_ptr + rb * BM + offs_m, mask=m_ok, other=-1)
+    r_ok = rows >= 0
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_p.to(tl.int64)[:, None] * stride_yp + rows[None, :] * stride_ym
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & r_ok[None, :])
+
+
+def _conv_kernel(
+    x_ptr, vals_ptr, cols_ptr, crow_ptr, rows_ptr, bias_ptr, y_ptr,
+    M, K, P, NRB,
+    H, W, OH, OW, SH, SW, PH, PW, DH, DW,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BM_TILE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rb = pid % NRB
+    pt = pid // NRB
+    offs_p = pt * BN + tl.arange(0, BN)
+    p_ok = offs_p < P
+    n = offs_p // (OH * OW)
+    rem = offs_p % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_img = x_ptr + n.to(tl.int64) * sxn
+    offs_m = tl.arange(0, BM_TILE)
+    m_ok = offs_m < BM
+    offs_k = tl.arange(0, BK)
+    start = tl.load(crow_ptr + rb)
+    end = tl.load(crow_ptr + rb + 1)
+    acc = tl.zeros((BN, BM_TILE), dtype=tl.float32)
+    for c in range(start, end):
+        kidx = tl.load(cols_ptr + c * BK + offs_k)
+        cin = kidx // (KH * KW)
+        tap = kidx % (KH * KW)
+        ih = ih0[:, None] + (tap // KW)[None, :] * DH
+        iw = iw0[:, None] + (tap % KW)[None, :] * DW
+        ok = p_ok[:, None] & (kidx >= 0)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x = tl.load(x_img[:, None] + cin[None, :] * sxc + ih * sxh + iw * sxw, mask=ok, other=0.0)
+        w = tl.load(vals_ptr + c * (BK * BM) + offs_k[:, None] * BM + offs_m[None, :], mask=m_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
+    rows = tl.load(rows_ptr + rb * BM + offs_m, mask=m_ok, other=-1)
+    r_ok = rows >= 0
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + n.to(tl.int64)[:, None] * syn + rows[None, :] * syc + (oh * syh + ow * syw)[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & r_ok[None, :])
+
+
+INTERPRETER_BN = 32  # the one fixed config on the CPU interpreter (speed there is meaningless)
+
+
+def gpu_configs() -> list[triton.Config]:
+    """Autotune space: P-tile x warps x pipeline depth (>= 3 stages pays on Hopper, kernels.md 2.2)."""
+    out = [
+        triton.Config({"BN": bn}, num_warps=w, num_stages=s)
+        for bn in (64, 128)
+        for w in (4, 8)
+        for s in (3, 4)
+    ]
+    out += [triton.Config({"BN": 32}, num_warps=4, num_stages=3), triton.Config({"BN": 256}, num_warps=8, num_stages=3)]
+    return out
+
+
+@functools.cache
+def compiled(kind: str, mode: str, tuned: bool = True):  # noqa: ANN201
+    """The kernel for ``kind`` ("linear"|"conv2d") on ``mode`` ("gpu"|"interpreter")."""
+    fn = _linear_kernel if kind == "linear" else _conv_kernel
+    if mode == "interpreter":
+        return InterpretedFunction(fn)
+    jit = JITFunction(fn)
+    if not tuned:
+        return jit
+    return triton.autotune(configs=gpu_configs(), key=["M", "K", "P", "BM", "BK"])(jit)

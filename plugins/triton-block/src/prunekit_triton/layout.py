@@ -1,0 +1,149 @@
+"""The ``triton-block`` layout: a gathered-K block-sparse row format that covers every block shape.
+
+One row-block = ``bm`` output rows (in the Selection's permuted row order) that share one list of kept GEMM
+columns. The list is cut into chunks of ``bk`` columns (one ``tl.dot`` each); a chunk stores
+
+* ``cols[c, k]``   -- the *original* GEMM column (``cin*kh*kw + tap``) the kernel gathers, ``-1`` = padding;
+* ``values[c, k, m]`` -- the weight of row ``m`` of the row-block at that column (K-major per chunk, so the
+  kernel's ``[bk, bm]`` tile is a plain 2-D load).
+
+``crow[b]..crow[b+1]`` are row-block ``b``'s chunks and ``rows[b, m]`` the original output row it writes (``-1``
+= padding when Cout is not a multiple of ``bm``). Both permutations of the Selection are thereby folded into
+index arrays: the kernel reads input column ``cols[j]`` and writes output row ``rows[r]``.
+
+This one format is b x b BSR (a block = ``b`` columns = one chunk of ``bk = b``), rectangular TETRIS blocks
+(a 32 x 32 x 3x3 conv block = 288 columns = 9 chunks of 32), and 1xN rows (a block = one column, or one run
+of kh*kw columns for conv; kept columns of a block-row packed ``bk`` at a time, zero-padded to a multiple of
+``bk``). Rows with equal chunk counts (SUBP) give a uniform layout (``meta["uniform"]``); otherwise row-blocks
+are stored longest first, so the longest sums start first on the GPU.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from prunekit import hookimpl
+from prunekit.errors import LayoutError
+from prunekit.records import LayerInfo, Layout, Selection
+
+from prunekit_triton.geometry import geometry
+
+FORMAT = "triton-block"
+CHUNKS = (16, 32, 64)  # tl.dot needs K >= 16; powers of two for tl.arange
+
+
+def auto_chunk(block: tuple[int, ...]) -> int:
+    """Chunk width: the largest of 64/32/16 that divides a block's GEMM-column count, else 32."""
+    g = 1
+    for b in block[1:]:
+        g *= b
+    for c in (64, 32, 16):
+        if g % c == 0:
+            return c
+    return 32
+
+
+def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: int = 0) -> Layout:
+    """Pack ``weight * selection.mask`` into the triton-block layout (see the module docstring)."""
+    shape = tuple(layer.weight_shape)
+    if tuple(weight.shape) != shape or tuple(selection.mask.shape) != shape:
+        raise LayoutError(
+            f"layer {layer.name}: weight {tuple(weight.shape)} / mask {tuple(selection.mask.shape)} do not match "
+            f"the layer's weight shape {shape}"
+        )
+    geo = geometry(layer, selection)
+    bk = chunk or auto_chunk(geo.block)
+    if bk not in CHUNKS:
+        raise LayoutError(f"layer {layer.name}: chunk = {bk} is not a tl.dot K tile; use one of {CHUNKS} (0 = auto)")
+    dev = weight.device
+    m, k = layer.gemm_shape
+    bm = geo.bm
+    mask2 = selection.mask.to(dev).reshape(m, k).bool()
+    w2 = (weight.detach() * mask2.reshape(shape).to(weight.dtype)).reshape(m, k)
+    ro, co = geo.row_order.to(dev), geo.col_order.to(dev)
+    wp, mp = w2[ro][:, co], mask2[ro][:, co]
+    nrb = -(-m // bm)
+    pad = nrb * bm - m
+    if pad:
+        wp = torch.cat([wp, wp.new_zeros(pad, k)])
+        mp = torch.cat([mp, mp.new_zeros(pad, k)])
+    keep = mp.view(nrb, bm, k).any(1)  # union of kept columns per row-block (exact for any mask)
+    counts = keep.sum(1)
+    nch = (counts + bk - 1) // bk
+    order = torch.argsort(-nch, stable=True)  # longest row-blocks first; identity when uniform
+    width = int(nch.max()) * bk if nrb else 0
+    # kept positions first, in grouping order (stable sort keeps it)
+    pos = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    pos_full = torch.zeros(nrb, width, dtype=torch.long, device=dev)
+    take = min(width, k)
+    pos_full[:, :take] = pos[:, :take]
+    valid = torch.arange(width, device=dev)[None, :] < counts[:, None]
+    cols = torch.where(valid, co[pos_full], torch.full_like(pos_full, -1))
+    vals = wp.view(nrb, bm, k).gather(2, pos_full[:, None, :].expand(nrb, bm, width))
+    vals = vals * valid[:, None, :].to(vals.dtype)
+    cols, vals, nch_o = cols[order], vals[order], nch[order]
+    maxch = width // bk
+    present = torch.arange(maxch, device=dev)[None, :] < nch_o[:, None]  # [nrb, maxch]
+    cols_c = cols.view(nrb, maxch, bk)[present]
+    vals_c = vals.view(nrb, bm, maxch, bk).permute(0, 2, 3, 1)[present]  # [nchunks, bk, bm]
+    crow = torch.zeros(nrb + 1, dtype=torch.int32, device=dev)
+    crow[1:] = torch.cumsum(nch_o, 0)
+    rows = torch.cat([ro, torch.full((pad,), -1, dtype=torch.long, device=dev)]).view(nrb, bm)[order]
+    uniform = bool(nrb == 0 or bool((nch == nch[0]).all()))
+    kept = int(mask2.sum())
+    tensors = {
+        "values": vals_c.contiguous(),
+        "cols": cols_c.to(torch.int32).contiguous(),
+        "crow": crow,
+        "rows": rows.to(torch.int32).contiguous(),
+    }
+    meta = {
+        "kind": layer.kind,
+        "bm": bm,
+        "bk": bk,
+        "block": list(geo.block),
+        "pattern": geo.pattern,
+        "uniform": uniform,
+        "chunks_per_row": int(nch[0]) if uniform and nrb else None,
+        "row_blocks": nrb,
+        "chunks": int(crow[-1]),
+        "kept": kept,
+        "fill": kept / max(1, int(crow[-1]) * bk * bm),  # share of stored slots that hold kept weights
+        "column_order": "block-major; (kh, kw, cin) inside a block",
+        "gemm_shape": [m, k],
+    }
+    return Layout(format=FORMAT, dense_shape=shape, tensors=tensors, meta=meta)
+
+
+def densify(layout: Layout) -> torch.Tensor:
+    """The dense weight a layout holds, in the original index space (exact: values are copied, not summed)."""
+    if layout.format != FORMAT:
+        raise LayoutError(f"layout format '{layout.format}' is not '{FORMAT}'; pair the triton-block kernel with its layout")
+    t = layout.tensors
+    m, k = layout.meta["gemm_shape"]
+    vals, cols, crow, rows = t["values"], t["cols"].long(), t["crow"].long(), t["rows"].long()
+    out = vals.new_zeros(m, k)
+    if vals.numel():
+        nch = crow[1:] - crow[:-1]
+        chunk_rb = torch.repeat_interleave(torch.arange(len(nch), device=vals.device), nch)
+        r = rows[chunk_rb][:, None, :].expand_as(vals)  # [nchunks, bk, bm]
+        c = cols[:, :, None].expand_as(vals)
+        ok = (r >= 0) & (c >= 0)
+        out[r[ok], c[ok]] = vals[ok]
+    return out.reshape(layout.dense_shape)
+
+
+class TritonBlockLayout:
+    """Gathered-K block-sparse rows for Triton: b x b BSR, TETRIS blocks and 1xN rows, permutations folded in."""
+
+    @attrs.define
+    class Params:
+        chunk: int = 0  # columns per tl.dot step: 16, 32 or 64; 0 = auto from the block shape
+
+        def __attrs_post_init__(self) -> None:
+            if self.chunk not in (0, *CHUNKS):
+                raise LayoutError(f"chunk = {self.chunk}: use 0 (auto) or one of {CHUNKS} (tl.dot needs K >= 16)")
+
+    @hookimpl
+    def prunekit_transform_layout(self, layer: LayerInfo, weight: torch.Tensor, selection: Selection, params: Params | None) -> Layout:
+        return pack(layer, weight, selection, chunk=params.chunk if params is not None else 0)
