@@ -1,0 +1,49 @@
+"""A small ramp schedule and a temporary registry, so these tests need no other plugin installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import prunekit.pipeline
+from prunekit import hookimpl
+from prunekit.pipeline import Pipeline
+from prunekit.records import ScheduleDecision
+
+RAMP_END = 3
+
+
+class RampToThree:
+    """Test schedule: sparsity = target * step / 3, masks updated at steps 0..3, frozen after."""
+
+    @hookimpl
+    def prunekit_schedule(self, step: int, target: float) -> ScheduleDecision:
+        ratio = min(step / RAMP_END, 1.0)
+        return ScheduleDecision(step=step, sparsity=ratio * target, update=step <= RAMP_END, final=step >= RAMP_END)
+
+
+class _Info:
+    distribution = "tests"
+
+    def load(self) -> type:
+        return RampToThree
+
+
+@pytest.fixture
+def make_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    real = prunekit.pipeline.installed_components
+    monkeypatch.setattr(
+        prunekit.pipeline, "installed_components", lambda: {**real(), ("schedule", "test-ramp"): _Info()}
+    )
+
+    def make(score: str, params: str) -> Pipeline:
+        reg = tmp_path / "registry.toml"
+        reg.write_text(
+            f'[pipelines.t]\nschedule = "test-ramp"\nscore = "{score}"\nselect = "subp-uniform"\n'
+            f"[pipelines.t.params]\n{params}\n",
+            encoding="utf-8",
+        )
+        return Pipeline.load("t", reg)
+
+    return make
