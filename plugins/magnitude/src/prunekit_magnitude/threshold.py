@@ -1,0 +1,113 @@
+"""Han's selection: prune every weight whose score is strictly below a threshold.
+
+The threshold comes from one of two rules:
+
+* ``quantile`` (default): the score of rank ``k = round(sparsity * n)`` in ascending order, so the ``k``
+  smallest are pruned; ties at the threshold are kept (prune iff ``score < t``), which leaves the achieved
+  sparsity at most ``ties / n`` below the request. ``scope = "global"`` takes one threshold over all
+  selected layers' scores pooled (layers end up with different sparsities, the total hits the request).
+* ``std`` (Han's ``q * std(W)``): ``t = quality * (sparsity / target) * spread``, with ``spread`` the
+  standard deviation of the layer's dense weight at its first selection (``global``: the RMS of all
+  layers' weights pooled) and ``quality`` Han's per-layer quality parameter (``layer_quality`` maps layer
+  name globs to their own ``q``). The schedule's ramp scales the threshold, so iterative rounds prune
+  progressively and the last round uses ``q * spread``; the sparsity is an *outcome* of ``q``, not the
+  requested value (the achieved figure is in ``meta``).
+
+Masks are nested across rounds (``new = old & (score >= t)``) unless ``regrow`` is set.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import attrs
+import torch
+from prunekit import Selection, SelectionError, hookimpl
+from prunekit.records import LayerInfo
+
+RULES = ("quantile", "std")
+SCOPES = ("layer", "global")
+
+
+def quantile_threshold(flat: torch.Tensor, sparsity: float) -> float:
+    """The value ``t`` such that pruning ``flat < t`` removes the ``round(sparsity * n)`` smallest (ties kept)."""
+    n = flat.numel()
+    k = int(math.floor(sparsity * n + 0.5))
+    if k <= 0 or n == 0:
+        return 0.0  # scores are >= 0: nothing is strictly below
+    if k >= n:
+        return math.inf
+    return float(torch.kthvalue(flat.float().cpu(), k + 1).values)
+
+
+def _pooled(all_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([s.detach().reshape(-1).float().cpu() for s in all_scores.values()])
+
+
+class Threshold:
+    """Prune |w| < t: t from the sparsity quantile (layer or global) or Han's q*std(W); nested masks."""
+
+    @attrs.define
+    class Params:
+        scope: str = "layer"
+        rule: str = "quantile"
+        quality: float = 1.0
+        layer_quality: dict[str, float] = attrs.field(factory=dict)
+        regrow: bool = False
+
+        def __attrs_post_init__(self) -> None:
+            if self.scope not in SCOPES:
+                raise SelectionError(f"scope = {self.scope!r} is unknown; use \"layer\" or \"global\"")
+            if self.rule not in RULES:
+                raise SelectionError(f"rule = {self.rule!r} is unknown; use \"quantile\" or \"std\" (Han's q * std(W))")
+            for name, q in {"quality": self.quality, **self.layer_quality}.items():
+                if not q >= 0.0 or math.isinf(q):
+                    raise SelectionError(f"quality for {name} = {q}; Han's quality parameter must be a finite q >= 0")
+
+        def quality_for(self, layer: str) -> float:
+            for pattern, q in self.layer_quality.items():
+                if fnmatch.fnmatchcase(layer, pattern):
+                    return q
+            return self.quality
+
+    @hookimpl
+    def prunekit_select_mask(
+        self,
+        layer: LayerInfo,
+        weight: torch.Tensor,
+        scores: torch.Tensor,
+        sparsity: float,
+        target: float,
+        previous: Selection | None,
+        params: Params | None,
+        all_scores: dict[str, torch.Tensor],
+    ) -> Selection:
+        p = params or Threshold.Params()
+        if tuple(scores.shape) != tuple(weight.shape):
+            raise SelectionError(
+                f"layer {layer.name}: select 'threshold' needs one score per weight {tuple(weight.shape)}, got "
+                f"{tuple(scores.shape)}; pair it with a per-weight score such as 'magnitude'"
+            )
+        meta: dict = {"criterion": "magnitude", "rule": p.rule, "scope": p.scope, "requested_sparsity": sparsity}
+        if p.rule == "quantile":
+            flat = scores.reshape(-1) if p.scope == "layer" else _pooled(all_scores)
+            t = quantile_threshold(flat, sparsity)
+        else:
+            spread = previous.meta.get("spread") if previous is not None else None
+            if spread is None:  # first selection: the dense weight's spread, kept for every later round
+                if p.scope == "layer":
+                    spread = float(weight.detach().float().std()) if weight.numel() > 1 else 0.0
+                else:
+                    spread = float(_pooled(all_scores).square().mean().sqrt())
+            q = p.quality_for(layer.name)
+            ramp = min(sparsity / target, 1.0) if target > 0 else 0.0
+            t = q * ramp * spread
+            meta.update(spread=spread, quality=q)
+        keep = scores >= t
+        if previous is not None and not p.regrow:
+            keep &= previous.mask.to(keep.device)  # never un-prune: mask_{t+1} is a subset of mask_t
+        kept = int(keep.sum())
+        meta.update(threshold=t, kept=kept, numel=keep.numel(), achieved_sparsity=1.0 - kept / max(keep.numel(), 1))
+        ndim = weight.dim()
+        return Selection(mask=keep, perms=(None,) * ndim, block=(1,) * ndim, meta=meta)
