@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prunekit_magnitude import CsrLayout, break_even_sparsity, densify
+
 from prunekit import Selection
 from prunekit.records import LayerInfo
-from prunekit_magnitude import CsrLayout, break_even_sparsity, densify
 
 
 def pack(w: torch.Tensor, mask: torch.Tensor):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from prunekit_magnitude import CsrConv2d, CsrKernel, CsrLayout, CsrLinear, DenseMasked
+
 from prunekit import LayoutError, Selection
 from prunekit.records import LayerInfo
-from prunekit_magnitude import CsrConv2d, CsrKernel, CsrLayout, CsrLinear, DenseMasked
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from prunekit_magnitude import Magnitude, Threshold
+from prunekit_magnitude.threshold import quantile_threshold
+
 from prunekit import SelectionError
 from prunekit.records import LayerInfo
 from prunekit.registry import strict_converter
-from prunekit_magnitude import Magnitude, Threshold
-from prunekit_magnitude.threshold import quantile_threshold
 
 LIN = LayerInfo("fc", "linear", (40, 30))
 CONV = LayerInfo("conv", "conv2d", (8, 3, 3, 3))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from prunekit import PrunekitError
 from prunekit_schedules import Constant, Cos, Cubic, Exp, Iterative, Linear, ramp_ratio, round_sparsity
 from prunekit_schedules.ramps import RampParams
+
+from prunekit import PrunekitError
 
 RAMPS = {"linear": Linear, "exp": Exp, "cos": Cos, "cubic": Cubic}
 

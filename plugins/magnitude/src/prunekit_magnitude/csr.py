@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+
 from prunekit import Layout, LayoutError, Selection, hookimpl
 from prunekit.records import LayerInfo
 

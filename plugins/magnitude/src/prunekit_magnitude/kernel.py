@@ -16,10 +16,10 @@ from collections.abc import Callable
 import attrs
 import torch
 import torch.nn.functional as F
-from prunekit import CompiledLayer, Layout, LayoutError, hookimpl
-from prunekit.records import LayerInfo
 from torch import nn
 
+from prunekit import CompiledLayer, Layout, LayoutError, hookimpl
+from prunekit.records import LayerInfo
 from prunekit_magnitude.csr import densify
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+
 from prunekit import hookimpl
 
 

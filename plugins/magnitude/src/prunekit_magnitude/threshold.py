@@ -23,6 +23,7 @@ import math
 
 import attrs
 import torch
+
 from prunekit import Selection, SelectionError, hookimpl
 from prunekit.records import LayerInfo
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import attrs
+
 from prunekit import PrunekitError, ScheduleDecision, hookimpl
 
 Ramp = Literal["geometric", "linear"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+
 from prunekit import PrunekitError, ScheduleDecision, hookimpl
 
 

@@ -19,6 +19,7 @@ import math
 from typing import Literal
 
 import attrs
+
 from prunekit import PrunekitError, ScheduleDecision, hookimpl
 
 Kind = Literal["linear", "exp", "cos", "cubic"]
