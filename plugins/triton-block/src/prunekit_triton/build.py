@@ -6,11 +6,11 @@ import warnings
 
 import attrs
 import torch
+from torch import nn
+
 from prunekit import hookimpl
 from prunekit.errors import LayoutError, PrunekitError
 from prunekit.records import CompiledLayer, LayerInfo, Layout
-from torch import nn
-
 from prunekit_triton.layout import FORMAT, densify
 from prunekit_triton.modules import DTYPES, PRECISIONS, TritonBlockConv2d, TritonBlockLinear, interpreter_enabled
 

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import attrs
 import torch
+
 from prunekit.errors import LayoutError
 from prunekit.records import LayerInfo, Selection
 
 MAX_ROW_BLOCK = 128  # largest tl.dot tile height we generate; taller row-blocks would spill registers
+SPLIT_ROW_BLOCK = 64  # taller blocks are cut into row-blocks of this height (rows of a block share columns)
 
 
 @attrs.frozen
 class Geometry:
-    bm: int  # row-block height (output rows sharing one list of kept columns)
+    bm: int  # row-block height (output rows sharing one list of kept columns); block[0], or 64 if that is > 128
     row_order: torch.Tensor  # [M] long: original output row of each permuted slot
     col_order: torch.Tensor  # [K] long: original GEMM column at each grouping position
     block: tuple[int, ...]  # the Selection's block with 0 ("full") resolved
@@ -74,12 +76,11 @@ def geometry(layer: LayerInfo, selection: Selection) -> Geometry:
             "keep grouped convs dense (skip_grouped = true)"
         )
     block = resolve_block(layer, selection)
-    bm = block[0]
-    if not 1 <= bm <= MAX_ROW_BLOCK or bm & (bm - 1):
-        raise LayoutError(
-            f"layer {layer.name}: block height {bm} (output rows per block) cannot be a tl.dot tile; "
-            f"use a power of two up to {MAX_ROW_BLOCK} (16, 32, 64; 1xN with N < 16 is padded to 16 rows)"
-        )
+    if block[0] < 1:
+        raise LayoutError(f"layer {layer.name}: block height {block[0]} must be >= 1 output row")
+    # Any height up to 128 runs on a tile padded to the next power of two >= 16 (tl.dot needs >= 16 rows;
+    # 1xN with N < 16 wastes the padding); a taller block is split, which is exact.
+    bm = block[0] if block[0] <= MAX_ROW_BLOCK else SPLIT_ROW_BLOCK
     shape = tuple(layer.weight_shape)
     m = shape[0]
     row_order = _perm(selection, 0, m, layer)
@@ -100,11 +101,12 @@ def geometry(layer: LayerInfo, selection: Selection) -> Geometry:
         col_order = grid.permute(0, 2, 4, 3, 5, 1).reshape(-1)
     else:  # blocks do not tile the dims: plain permuted (cin, kh, kw) order is still exact
         col_order = orig.reshape(-1)
+    bm_words = block[0]
     if layer.kind == "linear":
-        pattern = f"1x{bm} ({bm} out x 1 in)" if bc == 1 else f"{bm}x{bc} ({bm} out x {bc} in)"
+        pattern = f"1x{bm_words} ({bm_words} out x 1 in)" if bc == 1 else f"{bm_words}x{bc} ({bm_words} out x {bc} in)"
     elif bc == 1:
         taps = f"{bh}x{bw} taps" if (bh, bw) == (kh, kw) else f"{bh}x{bw} of {kh}x{kw} taps"
-        pattern = f"1x{bm} ({bm} out x 1 in x {taps})"
+        pattern = f"1x{bm_words} ({bm_words} out x 1 in x {taps})"
     else:
-        pattern = f"{bm}x{bc}x{bh}x{bw} ({bm} out x {bc} in x {bh}x{bw} taps)"
+        pattern = f"{bm_words}x{bc}x{bh}x{bw} ({bm_words} out x {bc} in x {bh}x{bw} taps)"
     return Geometry(bm=bm, row_order=row_order, col_order=col_order, block=block, pattern=pattern)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import attrs
 import torch
+
 from prunekit import hookimpl
 from prunekit.errors import LayoutError
 from prunekit.records import LayerInfo, Layout, Selection
-
 from prunekit_triton.geometry import geometry
 
 FORMAT = "triton-block"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
+
 from prunekit.errors import LayoutError
 from prunekit.records import LayerInfo, Layout
-from torch import nn
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -23,8 +24,9 @@ def alloc_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _tile(bm: int) -> int:
-    return max(16, bm)  # tl.dot needs >= 16 rows: 1xN with N < 16 runs on a zero-masked 16-row tile
+def row_tile(bm: int) -> int:
+    """tl.dot tile height: the next power of two >= max(16, bm); rows past bm are masked to zero."""
+    return max(16, 1 << (bm - 1).bit_length())
 
 
 class TritonBlock(nn.Module):
@@ -77,7 +79,7 @@ class TritonBlock(nn.Module):
     def _common(self, x: torch.Tensor, mode: str) -> tuple[dict, dict]:
         upcast = mode == "interpreter" and x.dtype == torch.bfloat16
         prec = self.precision if x.dtype == torch.float32 else "ieee"
-        meta = dict(HAS_BIAS=self.bias is not None, BM=self.bm, BM_TILE=_tile(self.bm), BK=self.bk, PREC=prec, UPCAST=upcast)
+        meta = dict(HAS_BIAS=self.bias is not None, BM=self.bm, BM_TILE=row_tile(self.bm), BK=self.bk, PREC=prec, UPCAST=upcast)
         ptrs = dict(
             vals_ptr=self.values, cols_ptr=self.cols, crow_ptr=self.crow, rows_ptr=self.rows,
             bias_ptr=self.bias if self.bias is not None else self.values,
