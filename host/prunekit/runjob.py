@@ -16,7 +16,7 @@ from prunekit.data import load_data
 from prunekit.errors import CheckpointError
 from prunekit.models import build_model, model_spec
 from prunekit.pipeline import Pipeline, atomic_torch_save
-from prunekit.report import layer_rows, write_json_atomic
+from prunekit.report import history_svg, layer_rows, write_json_atomic, write_text_atomic
 from prunekit.timing import interleaved_medians
 from prunekit.training import evaluate, fit, prune_and_finetune
 
@@ -135,4 +135,6 @@ def run_job(
         states = list(pipe.layers.values())
     report["layers"] = layer_rows(states)
     write_json_atomic(report, out / "report.json")
+    svg = history_svg(report["history"], dense_acc, f"{pipe.name} on {model_name}/{bundle.name}")
+    write_text_atomic(svg, out / "history.svg")
     return report
