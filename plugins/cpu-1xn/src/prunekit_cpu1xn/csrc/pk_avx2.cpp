@@ -1,0 +1,14 @@
+// AVX2+FMA build of the 1xN kernel (see pk_avx512.cpp).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "pk_args.h"
+
+#pragma GCC target("avx2,fma")
+#define PK_ISA 2
+#include "pk_impl.h"
+
+void pk_run_avx2(const PkArgs& a, int64_t begin, int64_t end) { run_any(a, begin, end); }
+int pk_tile_avx2(int n) { return tile_width(n); }

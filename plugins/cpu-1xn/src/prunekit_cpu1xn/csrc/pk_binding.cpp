@@ -1,0 +1,186 @@
+// Torch binding of the 1xN kernel: argument checks, activation planes, ISA dispatch, threading.
+//
+// Convolution as an implicit GEMM without im2col: the input is copied once into zero-padded "phase
+// planes" (stride s splits each padded channel into s*s sub-grids), so that for every kernel tap the
+// activation row it needs is a contiguous run of a plane, shifted by a constant offset. Output positions
+// are enumerated on the plane's (slightly wider) row pitch wq; the few columns ow >= Wout are computed
+// and dropped. 1x1 stride-1 unpadded convs (and Linear) read the input as it is, with no copy at all.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "pk_args.h"
+
+namespace {
+
+int64_t cpu_isa() {
+  static const int64_t isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return int64_t(512);
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return int64_t(2);
+    return int64_t(0);
+  }();
+  return isa;
+}
+
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& rowptr,
+                  const at::Tensor& out_row, const std::optional<at::Tensor>& bias, int64_t M, int64_t kh, int64_t kw,
+                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool runs, int64_t isa) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 4,
+              "prunekit cpu-1xn: input must be a contiguous 4-D float32 CPU tensor, got ", x.scalar_type(), " ",
+              x.sizes());
+  TORCH_CHECK(vals.scalar_type() == at::kFloat && vals.is_contiguous() && vals.dim() >= 2, "cpu-1xn: bad vals");
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.is_contiguous(), "cpu-1xn: idx must be contiguous int32");
+  TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() && rowptr.dim() == 1, "cpu-1xn: bad rowptr");
+  TORCH_CHECK(out_row.scalar_type() == at::kLong && out_row.is_contiguous(), "cpu-1xn: bad out_row");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 && dw >= 1 && ph >= 0 && pw >= 0,
+              "cpu-1xn: bad conv geometry");
+  const int64_t N = vals.size(-1);
+  TORCH_CHECK(N == 2 || N == 4 || N == 8 || N == 16 || N == 32, "cpu-1xn: N must be 2, 4, 8, 16 or 32, got ", N);
+  const int64_t T = runs ? kh * kw : 1;
+  const int64_t nbr = rowptr.numel() - 1;
+  TORCH_CHECK(nbr >= 1 && out_row.numel() == nbr * N && nbr * N >= M, "cpu-1xn: out_row/rowptr do not match M");
+  TORCH_CHECK(vals.numel() == idx.numel() * T * N, "cpu-1xn: vals do not match idx");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == nbr * N,
+                "cpu-1xn: bad bias");
+  }
+  const int64_t best = cpu_isa();
+  if (isa == 0) isa = best;
+  TORCH_CHECK((isa == 512 && best == 512) || (isa == 2 && best >= 2),
+              "cpu-1xn: instruction set ", isa, " not available on this CPU (best: ", best, ")");
+
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), Wd = x.size(3);
+  const int64_t Hout = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t Wout = (Wd + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(H + 2 * ph >= dh * (kh - 1) + 1 && Wd + 2 * pw >= dw * (kw - 1) + 1 && Hout > 0 && Wout > 0,
+              "cpu-1xn: input ", x.sizes(), " is smaller than the kernel");
+  auto y = at::empty({B, M, Hout, Wout}, x.options());
+  if (B == 0) return y;
+
+  const bool as_is = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  std::vector<int64_t> toff_full(kh * kw, 0);
+  int64_t wq, chan_stride;
+  const float* xp;
+  at::Tensor planes;
+  if (as_is) {
+    wq = Wd;
+    chan_stride = H * Wd;
+    xp = x.data_ptr<float>();
+  } else {
+    wq = Wout + ((kw - 1) * dw) / sw;
+    const int64_t hq = Hout + ((kh - 1) * dh) / sh;
+    const int64_t plane = hq * wq;
+    std::vector<int64_t> slot_of(sh * sw, -1);
+    std::vector<int64_t> phase_a, phase_b;
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t a = (i * dh) % sh, b = (j * dw) % sw;
+        if (slot_of[a * sw + b] < 0) {
+          slot_of[a * sw + b] = (int64_t)phase_a.size();
+          phase_a.push_back(a);
+          phase_b.push_back(b);
+        }
+        toff_full[i * kw + j] = slot_of[a * sw + b] * plane + ((i * dh) / sh) * wq + (j * dw) / sw;
+      }
+    const int64_t nph = (int64_t)phase_a.size();
+    chan_stride = nph * plane;
+    planes = at::empty({B * C * chan_stride}, x.options());
+    const float* src_all = x.data_ptr<float>();
+    float* dst_all = planes.data_ptr<float>();
+    at::parallel_for(0, B * C, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bc = b0; bc < b1; ++bc) {
+        const float* src = src_all + bc * H * Wd;
+        for (int64_t s = 0; s < nph; ++s) {
+          float* dst = dst_all + bc * chan_stride + s * plane;
+          const int64_t pa = phase_a[s], pb = phase_b[s];
+          for (int64_t i = 0; i < hq; ++i) {
+            float* d = dst + i * wq;
+            const int64_t row = i * sh + pa - ph;
+            if (row < 0 || row >= H) {
+              std::memset(d, 0, wq * sizeof(float));
+              continue;
+            }
+            const float* srow = src + row * Wd;
+            for (int64_t jj = 0; jj < wq; ++jj) {
+              const int64_t col = jj * sw + pb - pw;
+              d[jj] = (col >= 0 && col < Wd) ? srow[col] : 0.0f;
+            }
+          }
+        }
+      }
+    });
+    xp = planes.data_ptr<float>();
+  }
+  const int64_t units = runs ? C : C * kh * kw;
+  std::vector<int64_t> ucol(units);
+  std::vector<int64_t> toff;
+  if (runs) {
+    for (int64_t c = 0; c < C; ++c) ucol[c] = c * chan_stride;
+    toff = toff_full;
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < kh * kw; ++t) ucol[c * kh * kw + t] = c * chan_stride + toff_full[t];
+    toff.assign(1, 0);
+  }
+  // indices were range-checked when the layout was built; re-check cheaply against this input
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  if (idx.numel() > 0) {
+    int32_t lo = ip[0], hi = ip[0];
+    for (int64_t i = 1; i < idx.numel(); ++i) {
+      lo = ip[i] < lo ? ip[i] : lo;
+      hi = ip[i] > hi ? ip[i] : hi;
+    }
+    TORCH_CHECK(lo >= 0 && hi < units, "cpu-1xn: input has ", C, " channels but the layout indexes unit ", hi);
+  }
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[nbr] == idx.numel(), "cpu-1xn: rowptr does not cover idx");
+
+  PkArgs a;
+  a.x = xp;
+  a.ucol = ucol.data();
+  a.toff = toff.data();
+  a.vals = vals.data_ptr<float>();
+  a.idx = ip;
+  a.rowptr = rp;
+  a.out_row = out_row.data_ptr<int64_t>();
+  a.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  a.y = y.data_ptr<float>();
+  a.x_img_stride = C * chan_stride;
+  a.y_img_stride = M * Hout * Wout;
+  a.y_plane = Hout * Wout;
+  a.pv = (Hout - 1) * wq + Wout;
+  a.wq = wq;
+  a.wout = Wout;
+  a.n = (int32_t)N;
+  a.t = (int32_t)T;
+  a.nbr = (int32_t)nbr;
+  a.pt = isa == 512 ? pk_tile_avx512((int)N) : pk_tile_avx2((int)N);
+  a.n_ptiles = (a.pv + a.pt - 1) / a.pt;
+  const int64_t items = B * a.n_ptiles * nbr;
+  at::parallel_for(0, items, 1, [&](int64_t b0, int64_t b1) {
+    if (isa == 512) pk_run_avx512(a, b0, b1);
+    else pk_run_avx2(a, b0, b1);
+  });
+  return y;
+}
+
+int64_t isa() { return cpu_isa(); }
+
+int64_t tile(int64_t n, int64_t which) {
+  return which == 512 ? pk_tile_avx512((int)n) : pk_tile_avx2((int)n);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(prunekit_cpu1xn, m) {
+  m.def("conv2d", &conv2d);
+  m.def("isa", &isa);
+  m.def("tile", &tile);
+}

@@ -1,0 +1,168 @@
+// The 1xN micro-kernel, written once and compiled per instruction set (pk_avx2.cpp, pk_avx512.cpp).
+// Formulation (kernels.md 2.1): activations channel-major, SIMD across output positions, R output rows
+// of one block-row held in R x V vector accumulators, each packed weight broadcast against V vectors of
+// the activation row it indexes. Everything here has internal linkage (see pk_args.h).
+#pragma once
+#include <cstring>
+
+#include "pk_args.h"
+
+namespace {
+
+#if PK_ISA == 512
+constexpr int W = 16;
+typedef __m512 vf;
+typedef __mmask16 vmask;
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vload_m(const float* p, vmask m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline void vstore_m(float* p, vf v, vmask m) { _mm512_mask_storeu_ps(p, m, v); }
+inline vf vset1(float f) { return _mm512_set1_ps(f); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vmask vmask_n(int n) { return (vmask)((1u << n) - 1u); }
+// (R rows, V vectors): accumulators R*V <= 24 of 32 zmm.
+template <int N> struct Shape { static constexpr int R = N >= 8 ? 8 : N; static constexpr int V = N == 2 ? 4 : (N == 4 ? 4 : 3); };
+#else
+constexpr int W = 8;
+typedef __m256 vf;
+typedef __m256i vmask;
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vload_m(const float* p, vmask m) { return _mm256_maskload_ps(p, m); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline void vstore_m(float* p, vf v, vmask m) { _mm256_maskstore_ps(p, m, v); }
+inline vf vset1(float f) { return _mm256_set1_ps(f); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vmask vmask_n(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+// accumulators R*V <= 12 of 16 ymm.
+template <int N> struct Shape { static constexpr int R = N >= 4 ? 4 : N; static constexpr int V = N == 2 ? 4 : 3; };
+#endif
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// One (image, P tile, R rows) unit of work. VT vectors, the last holding `rem` valid lanes when TAIL.
+template <int R, int VT, bool TAIL>
+inline void tile(const PkArgs& a, const float* xb, int64_t j0, int64_t j1, int64_t slot, int64_t img, int64_t p0,
+                 int64_t len, int rem) {
+  vf acc[R][VT];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const vf b = vset1(a.bias ? a.bias[slot + r] : 0.0f);
+#pragma GCC unroll 4
+    for (int v = 0; v < VT; ++v) acc[r][v] = b;
+  }
+  const vmask m = vmask_n(TAIL ? rem : W);
+  const int T = a.t;
+  const int64_t N = a.n;
+  const int64_t* toff = a.toff;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* xr = xb + a.ucol[a.idx[j]];
+    const float* w = a.vals + (j * T) * N + (slot % N);
+    for (int t = 0; t < T; ++t, w += N) {
+      const float* xp = xr + toff[t];
+      vf xv[VT];
+#pragma GCC unroll 4
+      for (int v = 0; v < VT; ++v) xv[v] = (TAIL && v == VT - 1) ? vload_m(xp + v * W, m) : vload(xp + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const vf wb = vset1(w[r]);
+#pragma GCC unroll 4
+        for (int v = 0; v < VT; ++v) acc[r][v] = vfma(xv[v], wb, acc[r][v]);
+      }
+    }
+  }
+  float* ybase = a.y + img * a.y_img_stride;
+  if (a.wq == a.wout) {  // virtual positions are the real ones: store straight into Y
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int64_t o = a.out_row[slot + r];
+      if (o < 0) continue;
+      float* yp = ybase + o * a.y_plane + p0;
+#pragma GCC unroll 4
+      for (int v = 0; v < VT; ++v) {
+        if (TAIL && v == VT - 1) vstore_m(yp + v * W, acc[r][v], m);
+        else vstore(yp + v * W, acc[r][v]);
+      }
+    }
+    return;
+  }
+  // padded-width positions: drop the columns ow >= wout, copy the rest row segment by row segment
+  alignas(64) float buf[R][VT * W];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < VT; ++v) vstore(&buf[r][v * W], acc[r][v]);
+  for (int r = 0; r < R; ++r) {
+    const int64_t o = a.out_row[slot + r];
+    if (o < 0) continue;
+    float* yp = ybase + o * a.y_plane;
+    int64_t oh = p0 / a.wq, ow = p0 - oh * a.wq;
+    int64_t i = 0;
+    while (i < len) {
+      if (ow < a.wout) {
+        const int64_t seg = min64(a.wout - ow, len - i);
+        std::memcpy(yp + oh * a.wout + ow, &buf[r][i], seg * sizeof(float));
+        i += seg;
+        ow += seg;
+      } else {
+        const int64_t skip = a.wq - ow;
+        i += skip;
+        ow = 0;
+        ++oh;
+      }
+    }
+  }
+}
+
+template <int N>
+inline void run_n(const PkArgs& a, int64_t begin, int64_t end) {
+  constexpr int R = Shape<N>::R, V = Shape<N>::V, PT = V * W;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t br = item % a.nbr;
+    const int64_t rest = item / a.nbr;
+    const int64_t pt = rest % a.n_ptiles;
+    const int64_t img = rest / a.n_ptiles;
+    const int64_t p0 = pt * PT;
+    const int64_t len = min64(PT, a.pv - p0);
+    const float* xb = a.x + img * a.x_img_stride + p0;
+    const int64_t j0 = a.rowptr[br], j1 = a.rowptr[br + 1];
+    const int vt = (int)((len + W - 1) / W);
+    const int rem = (int)(len - (vt - 1) * W);
+    for (int c0 = 0; c0 < N; c0 += R) {
+      const int64_t slot = br * N + c0;
+      if (len == PT && rem == W) {
+        tile<R, V, false>(a, xb, j0, j1, slot, img, p0, len, W);
+      } else if (vt == 1) {
+        tile<R, 1, true>(a, xb, j0, j1, slot, img, p0, len, rem);
+      } else if (vt == 2) {
+        tile<R, (V >= 2 ? 2 : 1), true>(a, xb, j0, j1, slot, img, p0, len, rem);
+      } else if (vt == 3) {
+        tile<R, (V >= 3 ? 3 : 1), true>(a, xb, j0, j1, slot, img, p0, len, rem);
+      } else {
+        tile<R, V, true>(a, xb, j0, j1, slot, img, p0, len, rem);
+      }
+    }
+  }
+}
+
+inline int tile_width(int n) {
+  switch (n) {
+    case 2: return Shape<2>::V * W;
+    case 4: return Shape<4>::V * W;
+    case 8: return Shape<8>::V * W;
+    case 16: return Shape<16>::V * W;
+    default: return Shape<32>::V * W;
+  }
+}
+
+inline void run_any(const PkArgs& a, int64_t begin, int64_t end) {
+  switch (a.n) {
+    case 2: run_n<2>(a, begin, end); break;
+    case 4: run_n<4>(a, begin, end); break;
+    case 8: run_n<8>(a, begin, end); break;
+    case 16: run_n<16>(a, begin, end); break;
+    case 32: run_n<32>(a, begin, end); break;
+    default: break;  // the binding rejects other N before calling
+  }
+}
+
+}  // namespace

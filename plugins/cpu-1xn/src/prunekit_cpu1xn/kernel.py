@@ -1,0 +1,107 @@
+"""Kernel ``cpu-1xn``: build the packed module for a layer, or keep it dense where that is faster.
+
+Fallback rule (``fallback = "auto"``), a model calibrated on this kernel's benchmark
+(benches/results/cpu1xn.md; see README): the packed layer wins when its density is below the ratio of
+the kernel's efficiency to dense F.conv2d's for that block height, with a margin, and when a block-row
+holds enough work per activation tile to amortise the tile's fixed costs. Spatial size is not known
+when a layer is built, so the rule uses only the weight's shape and pattern.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import attrs
+import torch
+
+import prunekit
+from prunekit.errors import PrunekitError
+from prunekit.records import CompiledLayer, LayerInfo, Layout
+from prunekit_cpu1xn import ext
+from prunekit_cpu1xn.layout import check_n, densify, validate
+from prunekit_cpu1xn.modules import Packed1xN, dense_module
+
+FALLBACK_MODES = ("auto", "never", "always")
+ISA_CHOICES = ("auto", "avx512", "avx2")
+
+# Packed-kernel efficiency relative to dense F.conv2d (fraction of ideal at equal threads), by N;
+# calibrated from benches/results/cpu1xn.md (geometric means over ResNet-50 layer shapes).
+EFFICIENCY = {2: 0.25, 4: 0.55, 8: 0.7, 16: 0.8, 32: 0.8}
+MARGIN = 1.15  # predicted speed-up needed before the packed path is chosen
+MIN_FMAS_PER_ROW = 24  # kept units x taps per block-row below which tile overheads dominate
+
+
+def predicted_speedup(layout: Layout) -> float:
+    """Model of packed-vs-dense time for this layout (> 1: packed is faster)."""
+    n = int(layout.meta["n"])
+    density = max(float(layout.meta["density"]), 1e-6)
+    return EFFICIENCY[n] / density
+
+
+def decide(layer: LayerInfo, layout: Layout, mode: str) -> tuple[bool, str]:
+    """(use packed kernel?, reason). ``mode``: auto | never (always packed) | always (always dense)."""
+    if mode == "always":
+        return False, "fallback = 'always' keeps every layer dense"
+    if mode == "never":
+        return True, ""
+    speed = predicted_speedup(layout)
+    if speed < MARGIN:
+        return False, (
+            f"predicted speed-up {speed:.2f}x < {MARGIN}x at density {layout.meta['density']:.2f} for N = "
+            f"{layout.meta['n']} (low sparsity): dense F.{'linear' if layer.kind == 'linear' else 'conv2d'} is faster"
+        )
+    rp_total = layout.tensors["indices"].numel()
+    rows = int(layout.meta["block_rows"])
+    work = rp_total / max(rows, 1) * int(layout.meta["taps"])
+    if work < MIN_FMAS_PER_ROW:
+        return False, f"tiny layer: {work:.0f} kept taps per block-row < {MIN_FMAS_PER_ROW}; dense is faster"
+    return True, ""
+
+
+class Cpu1xN:
+    """C++/OpenMP 1xN kernel (AVX-512 or AVX2, chosen at run time), dense fallback per layer."""
+
+    @attrs.define
+    class Params:
+        n: int | None = None  # when given, the layout must have been built for this N
+        fallback: str = "auto"  # auto: calibrated rule; never: always packed; always: always dense
+        isa: str = "auto"  # auto: best the CPU has; avx512 / avx2 force a path (tests, benchmarks)
+
+        def __attrs_post_init__(self) -> None:
+            if self.fallback not in FALLBACK_MODES:
+                raise PrunekitError(f"fallback = {self.fallback!r}: use one of {', '.join(FALLBACK_MODES)}")
+            if self.isa not in ISA_CHOICES:
+                raise PrunekitError(f"isa = {self.isa!r}: use one of {', '.join(ISA_CHOICES)}")
+            if self.n is not None:
+                check_n(self.n, "params.n")
+
+    @prunekit.hookimpl
+    def prunekit_build_kernel(
+        self, layer: LayerInfo, layout: Layout, bias: torch.Tensor | None, params: Params | None
+    ) -> CompiledLayer:
+        return build(layer, layout, bias, params if params is not None else Cpu1xN.Params())
+
+
+def build(layer: LayerInfo, layout: Layout, bias: torch.Tensor | None, params: Cpu1xN.Params) -> CompiledLayer:
+    validate(layer, layout, params.n)
+    if layer.kind == "conv2d" and layer.groups != 1:
+        return _dense(layer, layout, bias, f"grouped convolution (groups={layer.groups}) is not supported")
+    packed, reason = decide(layer, layout, params.fallback)
+    if not packed:
+        return _dense(layer, layout, bias, reason)
+    try:
+        ops = ext.load()
+    except ext.ExtensionUnavailable as exc:
+        warnings.warn(f"prunekit cpu-1xn: {exc}; layer {layer.name} stays dense", stacklevel=2)
+        return _dense(layer, layout, bias, str(exc))
+    best = int(ops.isa())
+    want = {"auto": best, "avx512": 512, "avx2": 2}[params.isa]
+    if want == 512 and best != 512:
+        warnings.warn(f"prunekit cpu-1xn: isa = 'avx512' asked but this CPU lacks it; using avx2 ({layer.name})", stacklevel=2)
+        want = 2
+    module = Packed1xN(layer, layout, bias, want)
+    return CompiledLayer(module=module.eval(), kernel=f"cpu-1xn/{ext.isa_name(want)}")
+
+
+def _dense(layer: LayerInfo, layout: Layout, bias: torch.Tensor | None, reason: str) -> CompiledLayer:
+    return CompiledLayer(module=dense_module(layer, densify(layout), bias), kernel="dense-fallback", reason=reason)
