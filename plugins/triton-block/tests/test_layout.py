@@ -136,3 +136,15 @@ def test_grouped_conv_is_refused():
     sel = Selection(mask=torch.ones(16, 1, 3, 3, dtype=torch.bool), block=(16, 1, 3, 3))
     with pytest.raises(LayoutError, match="grouped conv"):
         pack(layer, torch.randn(16, 1, 3, 3), sel)
+
+
+def test_auto_chunk_follows_blocks_and_avoids_padding_for_short_1xn_rows():
+    g = torch.Generator().manual_seed(8)
+    layer = _layer("linear", (64, 32))
+    short = pack(layer, torch.randn(64, 32, generator=g), random_block_selection(layer, (32, 1), 0.75, generator=g))
+    assert short.meta["bk"] == 16 and short.meta["fill"] == 0.5  # 8 kept columns: one chunk of 16, not 32
+    long = _layer("linear", (64, 512))
+    lay = pack(long, torch.randn(64, 512, generator=g), random_block_selection(long, (32, 1), 0.75, generator=g))
+    assert lay.meta["bk"] == 32 and lay.meta["fill"] == 1.0
+    sq = pack(long, torch.randn(64, 512, generator=g), random_block_selection(long, (64, 64), 0.5, generator=g))
+    assert sq.meta["bk"] == 64

@@ -133,4 +133,6 @@ def compiled(kind: str, mode: str, tuned: bool = True):  # noqa: ANN201
     jit = JITFunction(fn)
     if not tuned:
         return jit
-    return triton.autotune(configs=gpu_configs(), key=["M", "K", "P", "BM", "BK"])(jit)
+    # keyed on the GEMM shape and tile shape; Triton keeps the winner per key in-process and, with
+    # cache_results, on disk under a key that includes the GPU target, so a device re-tunes once.
+    return triton.autotune(configs=gpu_configs(), key=["M", "K", "P", "BM", "BK"], cache_results=True)(jit)

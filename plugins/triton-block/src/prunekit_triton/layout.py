@@ -32,15 +32,20 @@ FORMAT = "triton-block"
 CHUNKS = (16, 32, 64)  # tl.dot needs K >= 16; powers of two for tl.arange
 
 
-def auto_chunk(block: tuple[int, ...]) -> int:
-    """Chunk width: the largest of 64/32/16 that divides a block's GEMM-column count, else 32."""
+def auto_chunk(block: tuple[int, ...], counts: torch.Tensor) -> int:
+    """Chunk width: the largest of 64/32/16 that divides a block's GEMM-column count (blocks fill chunks);
+    otherwise (1xN: 1 or kh*kw columns per block) 32, unless 16 stores over 10 % fewer padded slots."""
     g = 1
     for b in block[1:]:
         g *= b
     for c in (64, 32, 16):
         if g % c == 0:
             return c
-    return 32
+
+    def slots(c: int) -> int:
+        return int(((counts + c - 1) // c).sum()) * c
+
+    return 16 if slots(32) > 1.1 * slots(16) else 32
 
 
 def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: int = 0) -> Layout:
@@ -52,9 +57,8 @@ def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: in
             f"the layer's weight shape {shape}"
         )
     geo = geometry(layer, selection)
-    bk = chunk or auto_chunk(geo.block)
-    if bk not in CHUNKS:
-        raise LayoutError(f"layer {layer.name}: chunk = {bk} is not a tl.dot K tile; use one of {CHUNKS} (0 = auto)")
+    if chunk and chunk not in CHUNKS:
+        raise LayoutError(f"layer {layer.name}: chunk = {chunk} is not a tl.dot K tile; use one of {CHUNKS} (0 = auto)")
     dev = weight.device
     m, k = layer.gemm_shape
     bm = geo.bm
@@ -69,6 +73,7 @@ def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: in
         mp = torch.cat([mp, mp.new_zeros(pad, k)])
     keep = mp.view(nrb, bm, k).any(1)  # union of kept columns per row-block (exact for any mask)
     counts = keep.sum(1)
+    bk = chunk or auto_chunk(geo.block, counts)
     nch = (counts + bk - 1) // bk
     order = torch.argsort(-nch, stable=True)  # longest row-blocks first; identity when uniform
     width = int(nch.max()) * bk if nrb else 0
