@@ -28,7 +28,7 @@ from triton.runtime.jit import JITFunction
 
 def _linear_kernel(
     x_ptr, vals_ptr, cols_ptr, crow_ptr, rows_ptr, bias_ptr, y_ptr,
-    M, K, P, NRB,
+    M, K, P, NRB, CHUNKS,
     stride_xp, stride_xk, stride_yp, stride_ym,
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BM_TILE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -63,7 +63,7 @@ def _linear_kernel(
 
 def _conv_kernel(
     x_ptr, vals_ptr, cols_ptr, crow_ptr, rows_ptr, bias_ptr, y_ptr,
-    M, K, P, NRB,
+    M, K, P, NRB, CHUNKS,
     H, W, OH, OW, SH, SW, PH, PW, DH, DW,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -133,6 +133,31 @@ def compiled(kind: str, mode: str, tuned: bool = True):  # noqa: ANN201
     jit = JITFunction(fn)
     if not tuned:
         return jit
-    # keyed on the GEMM shape and tile shape; Triton keeps the winner per key in-process and, with
+    # keyed on the GEMM shape, the tile shape and the stored chunk count (density); Triton keeps the winner per key in-process and, with
     # cache_results, on disk under a key that includes the GPU target, so a device re-tunes once.
-    return triton.autotune(configs=gpu_configs(), key=["M", "K", "P", "BM", "BK"], cache_results=True)(jit)
+    return triton.autotune(configs=gpu_configs(), key=["M", "K", "P", "CHUNKS", "BM", "BK"], cache_results=True)(jit)
+
+
+def compile_only(
+    kind: str, dtype: str, precision: str, bm: int, bk: int, bn: int,
+    num_warps: int = 4, num_stages: int = 3, arch: int = 90,
+):  # noqa: ANN201  # fmt: skip
+    """Compile one kernel variant for an NVIDIA target without a GPU (Triton's bundled ptxas); returns the
+    CompiledKernel (``.asm["ptx"]``, ``.metadata.shared``). Used to check the GPU path where none is lent.
+    Call it in a process where ``TRITON_INTERPRET`` is unset: once triton is imported in interpreter mode its
+    own library functions are interpreted and GPU code generation fails."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = JITFunction(_linear_kernel if kind == "linear" else _conv_kernel)
+    idx_ptrs = ("cols_ptr", "crow_ptr", "rows_ptr")
+    sig = {n: ("*i32" if n in idx_ptrs else f"*{dtype}") if n.endswith("_ptr") else "i32" for n in jit.arg_names}
+    consts = dict(
+        HAS_BIAS=True, BM=bm, BM_TILE=max(16, 1 << (bm - 1).bit_length()), BK=bk, BN=bn, PREC=precision, UPCAST=False
+    )
+    if kind != "linear":
+        consts.update(KH=3, KW=3)
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)

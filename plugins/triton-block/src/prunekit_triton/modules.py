@@ -44,6 +44,7 @@ class TritonBlock(nn.Module):
         self.bm, self.bk = int(layout.meta["bm"]), int(layout.meta["bk"])
         self.m, self.k = (int(v) for v in layout.meta["gemm_shape"])
         self.nrb = int(layout.meta["row_blocks"])
+        self.chunks = int(layout.meta["chunks"])  # part of the autotune key: the best tile depends on density
         self.precision = precision
         self.tile_p = tile_p
         self.pattern = layout.meta.get("pattern", "")
@@ -115,7 +116,7 @@ class TritonBlockLinear(TritonBlock):
         if p and self.nrb:
             ptrs, meta = self._common(x, mode)
             args = dict(
-                x_ptr=x2, y_ptr=y, M=self.m, K=self.k, P=p, NRB=self.nrb,
+                x_ptr=x2, y_ptr=y, M=self.m, K=self.k, P=p, NRB=self.nrb, CHUNKS=self.chunks,
                 stride_xp=x2.stride(0), stride_xk=x2.stride(1), stride_yp=y.stride(0), stride_ym=y.stride(1), **ptrs,
             )  # fmt: skip
             self._launch("linear", mode, p, args, meta, x.device)
@@ -144,7 +145,7 @@ class TritonBlockConv2d(TritonBlock):
         if p and self.nrb:
             ptrs, meta = self._common(x, mode)
             args = dict(
-                x_ptr=x, y_ptr=y, M=self.m, K=self.k, P=p, NRB=self.nrb,
+                x_ptr=x, y_ptr=y, M=self.m, K=self.k, P=p, NRB=self.nrb, CHUNKS=self.chunks,
                 H=h, W=w, OH=oh, OW=ow, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
                 sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
                 syn=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3), **ptrs,
