@@ -84,6 +84,8 @@ class Cpu1xN:
 
 def build(layer: LayerInfo, layout: Layout, bias: torch.Tensor | None, params: Cpu1xN.Params) -> CompiledLayer:
     validate(layer, layout, params.n)
+    if "dense" in layout.meta:
+        return _dense(layer, layout, bias, f"not pruned in 1xN blocks: {layout.meta['dense']}")
     if layer.kind == "conv2d" and layer.groups != 1:
         return _dense(layer, layout, bias, f"grouped convolution (groups={layer.groups}) is not supported")
     packed, reason = decide(layer, layout, params.fallback)

@@ -58,6 +58,11 @@ def block_height(layer: LayerInfo, selection: Selection) -> int:
 def pack_1xn(layer: LayerInfo, weight: torch.Tensor, selection: Selection, n: int | None = None) -> Layout:
     """Pack ``weight * mask`` of one layer (see the module docstring for the format)."""
     where = f"layer {layer.name}"
+    if not selection.block and bool(selection.mask.all()):
+        # the select stage left this layer whole (e.g. cout_policy = "skip"): it stays dense
+        why = selection.meta.get("skipped", "the select stage kept every weight (no 1xN block)")
+        return Layout(format=FORMAT, dense_shape=tuple(weight.shape), tensors={"dense": weight.detach().clone()},
+                      meta={"dense": str(why)})  # fmt: skip
     if layer.kind == "conv2d" and layer.groups != 1:
         raise LayoutError(f"{where}: grouped convolution (groups={layer.groups}) is not supported; keep it dense")
     N = block_height(layer, selection)
@@ -149,6 +154,10 @@ def validate(layer: LayerInfo, layout: Layout, n: int | None = None) -> None:
             "re-pack for this layer"
         )
     t = layout.tensors
+    if "dense" in layout.meta:
+        if tuple(t["dense"].shape) != tuple(layer.weight_shape):
+            raise LayoutError(f"{where}: dense layout has shape {tuple(t['dense'].shape)}; re-pack for this layer")
+        return
     for key in ("values", "indices", "out_rows"):
         if key not in t:
             raise LayoutError(f"{where}: pack-1xn layout lacks '{key}'; build it with pack_1xn")
@@ -188,6 +197,8 @@ def validate(layer: LayerInfo, layout: Layout, n: int | None = None) -> None:
 def densify(layout: Layout) -> torch.Tensor:
     """The dense weight (original index space) a pack-1xn layout holds: exactly ``weight * mask``."""
     shape = tuple(layout.dense_shape)
+    if "dense" in layout.meta:
+        return layout.tensors["dense"].clone()
     M, cin = shape[0], shape[1]
     taps = shape[2] * shape[3] if len(shape) == 4 else 1
     N = int(layout.meta["n"])

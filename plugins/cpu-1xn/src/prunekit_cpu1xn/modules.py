@@ -53,6 +53,7 @@ class Packed1xN(nn.Module):
             self.register_buffer("slot_bias", None)
             self.register_buffer("bias", None)
         self._dense: torch.Tensor | None = None
+        self.poison_output = False  # tests: the kernel fills its output with NaN before writing it
         self._warned: set[str] = set()
 
     def extra_repr(self) -> str:
@@ -107,7 +108,7 @@ class Packed1xN(nn.Module):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         return ext.load().conv2d(
             x4, self.values, self.indices, self.row_ptr, self.out_rows, self.slot_bias,
-            self.out_channels, kh, kw, sh, sw, ph, pw, dh, dw, self.runs, self.isa,
+            self.out_channels, kh, kw, sh, sw, ph, pw, dh, dw, self.runs, self.isa, self.poison_output,
         )  # fmt: skip
 
 

@@ -14,22 +14,23 @@ struct PkArgs {
   const int64_t* out_row;  // [nbr * N] slot -> output channel, -1 for padding slots
   const float* bias;       // [nbr * N] bias per slot, or nullptr
   float* y;                // output of image 0: [M][Hout*Wout]
+  const uint32_t* vmask;   // per SIMD vector of virtual positions: lanes that are real outputs
+  const int64_t* vbase;    // per SIMD vector: output offset (in a channel plane) of its first kept lane
   int64_t x_img_stride;
   int64_t y_img_stride;
   int64_t y_plane;  // Hout*Wout: distance between output channels
   int64_t pv;       // virtual positions per image: (Hout-1)*wq + Wout
-  int64_t wq;       // virtual row width (>= wout); positions with q % wq >= wout are discarded
-  int64_t wout;
   int64_t n_ptiles; // P tiles per image
+  int64_t chunk_tiles; // (image, P tile) pairs walked together, sized for L2
   int32_t n;        // block height N
   int32_t t;        // taps per unit
   int32_t nbr;      // block-rows
   int32_t pt;       // P tile width in floats
 };
 
-// Work items are (image, P tile, block-row), block-row fastest; each call runs items [begin, end).
-void pk_run_avx2(const PkArgs& a, int64_t begin, int64_t end);
-void pk_run_avx512(const PkArgs& a, int64_t begin, int64_t end);
+// Runs block-rows [br0, br1) over the (image, P tile) pairs [t0, t1), tile index = image * n_ptiles + tile.
+void pk_run_avx2(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t t1);
+void pk_run_avx512(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t t1);
 // Tile width (floats) the kernel wants for block height n on this ISA.
 int pk_tile_avx2(int n);
 int pk_tile_avx512(int n);

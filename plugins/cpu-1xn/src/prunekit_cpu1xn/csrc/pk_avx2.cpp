@@ -10,5 +10,5 @@
 #define PK_ISA 2
 #include "pk_impl.h"
 
-void pk_run_avx2(const PkArgs& a, int64_t begin, int64_t end) { run_any(a, begin, end); }
+void pk_run_avx2(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t t1) { run_any(a, br0, br1, t0, t1); }
 int pk_tile_avx2(int n) { return tile_width(n); }

@@ -11,5 +11,5 @@
 #define PK_ISA 512
 #include "pk_impl.h"
 
-void pk_run_avx512(const PkArgs& a, int64_t begin, int64_t end) { run_any(a, begin, end); }
+void pk_run_avx512(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t t1) { run_any(a, br0, br1, t0, t1); }
 int pk_tile_avx512(int n) { return tile_width(n); }

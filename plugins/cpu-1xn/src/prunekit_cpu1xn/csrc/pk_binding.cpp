@@ -9,7 +9,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -31,7 +33,7 @@ int64_t cpu_isa() {
 
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& rowptr,
                   const at::Tensor& out_row, const std::optional<at::Tensor>& bias, int64_t M, int64_t kh, int64_t kw,
-                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool runs, int64_t isa) {
+                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool runs, int64_t isa, bool poison) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 4,
               "prunekit cpu-1xn: input must be a contiguous 4-D float32 CPU tensor, got ", x.scalar_type(), " ",
               x.sizes());
@@ -62,6 +64,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
   TORCH_CHECK(H + 2 * ph >= dh * (kh - 1) + 1 && Wd + 2 * pw >= dw * (kw - 1) + 1 && Hout > 0 && Wout > 0,
               "cpu-1xn: input ", x.sizes(), " is smaller than the kernel");
   auto y = at::empty({B, M, Hout, Wout}, x.options());
+  if (poison) y.fill_(std::numeric_limits<float>::quiet_NaN());  // tests: any unwritten element shows
   if (B == 0) return y;
 
   const bool as_is = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
@@ -156,18 +159,60 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
   a.y_img_stride = M * Hout * Wout;
   a.y_plane = Hout * Wout;
   a.pv = (Hout - 1) * wq + Wout;
-  a.wq = wq;
-  a.wout = Wout;
   a.n = (int32_t)N;
   a.t = (int32_t)T;
   a.nbr = (int32_t)nbr;
   a.pt = isa == 512 ? pk_tile_avx512((int)N) : pk_tile_avx2((int)N);
   a.n_ptiles = (a.pv + a.pt - 1) / a.pt;
-  const int64_t items = B * a.n_ptiles * nbr;
-  at::parallel_for(0, items, 1, [&](int64_t b0, int64_t b1) {
-    if (isa == 512) pk_run_avx512(a, b0, b1);
-    else pk_run_avx2(a, b0, b1);
-  });
+  // per-vector store masks: virtual position q is output (q / wq, q % wq) when q % wq < Wout
+  const int64_t W = isa == 512 ? 16 : 8;
+  const int64_t nvec = a.n_ptiles * a.pt / W;
+  std::vector<uint32_t> vmask(nvec, 0);
+  std::vector<int64_t> vbase(nvec, 0);
+  for (int64_t v = 0; v < nvec; ++v) {
+    const int64_t q0 = v * W;
+    const int64_t oh = q0 / wq, ow = q0 % wq;
+    vbase[v] = oh * Wout + std::min(ow, Wout);
+    uint32_t m = 0;
+    for (int64_t l = 0; l < W; ++l) {
+      const int64_t q = q0 + l;
+      if (q < a.pv && q % wq < Wout) m |= 1u << l;
+    }
+    vmask[v] = m;
+  }
+  a.vmask = vmask.data();
+  a.vbase = vbase.data();
+  const int64_t tiles = B * a.n_ptiles;
+  // L2 budget for one chunk of activations: channels x phases x (chunk + halo) floats
+  const int64_t per_pos = std::max<int64_t>(1, C * (as_is ? 1 : chan_stride / std::max<int64_t>(1, (Hout + ((kh - 1) * dh) / sh) * wq)));
+  a.chunk_tiles = std::max<int64_t>(1, (256 * 1024 / 4) / (per_pos * a.pt));
+  const int64_t nthreads = at::get_num_threads();
+  auto run = [&](int64_t br0, int64_t br1, int64_t t0, int64_t t1) {
+    if (isa == 512) pk_run_avx512(a, br0, br1, t0, t1);
+    else pk_run_avx2(a, br0, br1, t0, t1);
+  };
+  if (nthreads <= 1) {
+    run(0, nbr, 0, tiles);
+  } else if (nbr >= 2 * nthreads || tiles < nthreads) {
+    // split block-rows into ranges of equal kept-block count (equal work; SUBP rows: equal ranges)
+    std::vector<int64_t> cut(nthreads + 1, nbr);
+    cut[0] = 0;
+    const int64_t total = rp[nbr];
+    int64_t br = 0;
+    for (int64_t p = 1; p < nthreads; ++p) {
+      const int64_t goal = (total * p + nthreads - 1) / nthreads;
+      while (br < nbr && rp[br] < goal) ++br;
+      cut[p] = std::max(cut[p - 1], br);
+    }
+    if (total == 0)
+      for (int64_t p = 0; p <= nthreads; ++p) cut[p] = nbr * p / nthreads;
+    at::parallel_for(0, nthreads, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        if (cut[p] < cut[p + 1]) run(cut[p], cut[p + 1], 0, tiles);
+    });
+  } else {
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { run(0, nbr, t0, t1); });
+  }
   return y;
 }
 

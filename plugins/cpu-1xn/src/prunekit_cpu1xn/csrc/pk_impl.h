@@ -20,6 +20,11 @@ inline void vstore_m(float* p, vf v, vmask m) { _mm512_mask_storeu_ps(p, m, v); 
 inline vf vset1(float f) { return _mm512_set1_ps(f); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vmask vmask_n(int n) { return (vmask)((1u << n) - 1u); }
+constexpr uint32_t FULL = 0xFFFFu;
+inline void store_kept(float* dst, vf v, uint32_t keep) {
+  const vf packed = _mm512_maskz_compress_ps((__mmask16)keep, v);
+  _mm512_mask_storeu_ps(dst, (__mmask16)((1u << __builtin_popcount(keep)) - 1u), packed);
+}
 // (R rows, V vectors): accumulators R*V <= 24 of 32 zmm.
 template <int N> struct Shape { static constexpr int R = N >= 8 ? 8 : N; static constexpr int V = N == 2 ? 4 : (N == 4 ? 4 : 3); };
 #else
@@ -33,6 +38,14 @@ inline void vstore_m(float* p, vf v, vmask m) { _mm256_maskstore_ps(p, m, v); }
 inline vf vset1(float f) { return _mm256_set1_ps(f); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vmask vmask_n(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+constexpr uint32_t FULL = 0xFFu;
+inline void store_kept(float* dst, vf v, uint32_t keep) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  int k = 0;
+  for (int l = 0; l < 8; ++l)
+    if (keep >> l & 1u) dst[k++] = tmp[l];
+}
 // accumulators R*V <= 12 of 16 ymm.
 template <int N> struct Shape { static constexpr int R = N >= 4 ? 4 : N; static constexpr int V = N == 2 ? 4 : 3; };
 #endif
@@ -42,7 +55,7 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // One (image, P tile, R rows) unit of work. VT vectors, the last holding `rem` valid lanes when TAIL.
 template <int R, int VT, bool TAIL>
 inline void tile(const PkArgs& a, const float* xb, int64_t j0, int64_t j1, int64_t slot, int64_t img, int64_t p0,
-                 int64_t len, int rem) {
+                 int rem) {
   vf acc[R][VT];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -70,75 +83,60 @@ inline void tile(const PkArgs& a, const float* xb, int64_t j0, int64_t j1, int64
       }
     }
   }
+  // Store: vector vi of the image's virtual positions keeps the lanes in vmask[vi] (columns < Wout, positions
+  // < pv); kept lanes land contiguously in Y from vbase[vi] (output rows are contiguous), so a vector is
+  // one plain store, or one compress + masked store where it straddles dropped columns.
   float* ybase = a.y + img * a.y_img_stride;
-  if (a.wq == a.wout) {  // virtual positions are the real ones: store straight into Y
+  const int64_t v0 = p0 / W;
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const int64_t o = a.out_row[slot + r];
-      if (o < 0) continue;
-      float* yp = ybase + o * a.y_plane + p0;
-#pragma GCC unroll 4
-      for (int v = 0; v < VT; ++v) {
-        if (TAIL && v == VT - 1) vstore_m(yp + v * W, acc[r][v], m);
-        else vstore(yp + v * W, acc[r][v]);
-      }
-    }
-    return;
-  }
-  // padded-width positions: drop the columns ow >= wout, copy the rest row segment by row segment
-  alignas(64) float buf[R][VT * W];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < VT; ++v) vstore(&buf[r][v * W], acc[r][v]);
   for (int r = 0; r < R; ++r) {
     const int64_t o = a.out_row[slot + r];
     if (o < 0) continue;
     float* yp = ybase + o * a.y_plane;
-    int64_t oh = p0 / a.wq, ow = p0 - oh * a.wq;
-    int64_t i = 0;
-    while (i < len) {
-      if (ow < a.wout) {
-        const int64_t seg = min64(a.wout - ow, len - i);
-        std::memcpy(yp + oh * a.wout + ow, &buf[r][i], seg * sizeof(float));
-        i += seg;
-        ow += seg;
+#pragma GCC unroll 4
+    for (int v = 0; v < VT; ++v) {
+      const uint32_t keep = a.vmask[v0 + v];
+      float* dst = yp + a.vbase[v0 + v];
+      if (keep == FULL) {
+        vstore(dst, acc[r][v]);
       } else {
-        const int64_t skip = a.wq - ow;
-        i += skip;
-        ow = 0;
-        ++oh;
+        store_kept(dst, acc[r][v], keep);
       }
     }
   }
 }
 
 template <int N>
-inline void run_n(const PkArgs& a, int64_t begin, int64_t end) {
+inline void run_n(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t t1) {
   constexpr int R = Shape<N>::R, V = Shape<N>::V, PT = V * W;
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t br = item % a.nbr;
-    const int64_t rest = item / a.nbr;
-    const int64_t pt = rest % a.n_ptiles;
-    const int64_t img = rest / a.n_ptiles;
-    const int64_t p0 = pt * PT;
-    const int64_t len = min64(PT, a.pv - p0);
-    const float* xb = a.x + img * a.x_img_stride + p0;
-    const int64_t j0 = a.rowptr[br], j1 = a.rowptr[br + 1];
-    const int vt = (int)((len + W - 1) / W);
-    const int rem = (int)(len - (vt - 1) * W);
-    for (int c0 = 0; c0 < N; c0 += R) {
-      const int64_t slot = br * N + c0;
-      if (len == PT && rem == W) {
-        tile<R, V, false>(a, xb, j0, j1, slot, img, p0, len, W);
-      } else if (vt == 1) {
-        tile<R, 1, true>(a, xb, j0, j1, slot, img, p0, len, rem);
-      } else if (vt == 2) {
-        tile<R, (V >= 2 ? 2 : 1), true>(a, xb, j0, j1, slot, img, p0, len, rem);
-      } else if (vt == 3) {
-        tile<R, (V >= 3 ? 3 : 1), true>(a, xb, j0, j1, slot, img, p0, len, rem);
-      } else {
-        tile<R, V, true>(a, xb, j0, j1, slot, img, p0, len, rem);
+  // Loop order: a chunk of (image, P tile) pairs small enough to stay in L2, then this range's
+  // block-rows, then the tiles of the chunk: every weight row is read once per chunk, X once per row.
+  for (int64_t c0 = t0; c0 < t1; c0 += a.chunk_tiles) {
+    const int64_t c1 = min64(t1, c0 + a.chunk_tiles);
+    for (int64_t br = br0; br < br1; ++br) {
+      const int64_t j0 = a.rowptr[br], j1 = a.rowptr[br + 1];
+      for (int64_t tt = c0; tt < c1; ++tt) {
+        const int64_t pt = tt % a.n_ptiles;
+        const int64_t img = tt / a.n_ptiles;
+        const int64_t p0 = pt * PT;
+        const int64_t len = min64(PT, a.pv - p0);
+        const float* xb = a.x + img * a.x_img_stride + p0;
+        const int vt = (int)((len + W - 1) / W);
+        const int rem = (int)(len - (vt - 1) * W);
+        for (int c = 0; c < N; c += R) {
+          const int64_t slot = br * N + c;
+          if (len == PT) {
+            tile<R, V, false>(a, xb, j0, j1, slot, img, p0, W);
+          } else if (vt == 1) {
+            tile<R, 1, true>(a, xb, j0, j1, slot, img, p0, rem);
+          } else if (vt == 2) {
+            tile<R, (V >= 2 ? 2 : 1), true>(a, xb, j0, j1, slot, img, p0, rem);
+          } else if (vt == 3) {
+            tile<R, (V >= 3 ? 3 : 1), true>(a, xb, j0, j1, slot, img, p0, rem);
+          } else {
+            tile<R, V, true>(a, xb, j0, j1, slot, img, p0, rem);
+          }
+        }
       }
     }
   }
@@ -154,13 +152,13 @@ inline int tile_width(int n) {
   }
 }
 
-inline void run_any(const PkArgs& a, int64_t begin, int64_t end) {
+inline void run_any(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t t1) {
   switch (a.n) {
-    case 2: run_n<2>(a, begin, end); break;
-    case 4: run_n<4>(a, begin, end); break;
-    case 8: run_n<8>(a, begin, end); break;
-    case 16: run_n<16>(a, begin, end); break;
-    case 32: run_n<32>(a, begin, end); break;
+    case 2: run_n<2>(a, br0, br1, t0, t1); break;
+    case 4: run_n<4>(a, br0, br1, t0, t1); break;
+    case 8: run_n<8>(a, br0, br1, t0, t1); break;
+    case 16: run_n<16>(a, br0, br1, t0, t1); break;
+    case 32: run_n<32>(a, br0, br1, t0, t1); break;
     default: break;  // the binding rejects other N before calling
   }
 }
