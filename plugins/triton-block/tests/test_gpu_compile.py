@@ -1,7 +1,8 @@
 """The GPU path, compiled (not run) for sm_90 (H100/H200) with the ptxas bundled in the triton wheel.
 
 No GPU is needed: this proves the kernels lower to a cubin for every dtype and precision, that TF32/fp16/bf16
-use tensor-core MMA (wgmma) while IEEE fp32 does not, and that the largest autotune tile fits in shared memory.
+use Hopper's tensor-core wgmma (positions are the dot's M dimension, so even 16/32-row blocks qualify) while
+IEEE fp32 does not, and that the largest autotune tile fits in shared memory.
 It runs in a child process without TRITON_INTERPRET (triton imported in interpreter mode cannot generate GPU code).
 """
 
@@ -22,8 +23,9 @@ from prunekit_triton.kernels import compile_only, gpu_configs
 out = {}
 for kind in ("linear", "conv2d"):
     for dtype, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")):
-        ck = compile_only(kind, dtype, prec, bm=32, bk=32, bn=64)
-        out[f"{kind}/{dtype}/{prec}"] = {"cubin": "cubin" in ck.asm, "wgmma": "wgmma" in ck.asm["ptx"]}
+        for kmajor in ((False, True) if kind == "linear" else (False,)):
+            ck = compile_only(kind, dtype, prec, bm=32, bk=32, bn=64, kmajor=kmajor)
+            out[f"{kind}{'-kmajor' if kmajor else ''}/{dtype}/{prec}"] = {"cubin": "cubin" in ck.asm, "wgmma": "wgmma" in ck.asm["ptx"]}
 big = max(gpu_configs(), key=lambda c: (c.kwargs["BN"], c.num_stages))
 ck = compile_only("linear", "fp32", "tf32", bm=64, bk=64, bn=big.kwargs["BN"], num_warps=big.num_warps,
                   num_stages=big.num_stages)
@@ -41,7 +43,7 @@ def compiled():
     return json.loads(line[len("RESULT") :])
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "linear-kmajor", "conv2d"])
 @pytest.mark.parametrize(
     ("variant", "tensor_cores"), [("fp32/ieee", False), ("fp32/tf32", True), ("bf16/ieee", True), ("fp16/ieee", True)]
 )

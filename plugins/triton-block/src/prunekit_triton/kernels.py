@@ -31,7 +31,7 @@ def _linear_kernel(
     M, K, P, NRB, CHUNKS,
     stride_xp, stride_xk, stride_yp, stride_ym,
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BM_TILE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, KMAJOR: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rb = pid % NRB
@@ -43,21 +43,30 @@ def _linear_kernel(
     offs_k = tl.arange(0, BK)
     start = tl.load(crow_ptr + rb)
     end = tl.load(crow_ptr + rb + 1)
-    x_rows = x_ptr + offs_p.to(tl.int64)[:, None] * stride_xp
+    p64 = offs_p.to(tl.int64)
+    # acc is [positions, rows]: positions are the dot's M dimension (>= 64 per warpgroup, so Hopper's wgmma
+    # applies even to 16- or 32-row blocks).
     acc = tl.zeros((BN, BM_TILE), dtype=tl.float32)
     for c in range(start, end):
         kidx = tl.load(cols_ptr + c * BK + offs_k)
-        x = tl.load(x_rows + kidx[None, :] * stride_xk, mask=p_ok[:, None] & (kidx >= 0)[None, :], other=0.0)
+        k_ok = kidx >= 0
+        if KMAJOR:  # X stored [K, P]: load [BK, BN] with positions fastest (coalesced for any columns)
+            xk = tl.load(x_ptr + kidx.to(tl.int64)[:, None] * stride_xk + p64[None, :] * stride_xp,
+                         mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+            x = tl.trans(xk)
+        else:  # X stored [P, K]: columns fastest (coalesced when kept columns come in runs: b x b blocks)
+            x = tl.load(x_ptr + p64[:, None] * stride_xp + kidx[None, :] * stride_xk,
+                        mask=p_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(vals_ptr + c * (BK * BM) + offs_k[:, None] * BM + offs_m[None, :], mask=m_ok[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PREC)
+        acc = tl.dot(x, w, acc, input_precision=PREC)  # [BN, BK] x [BK, BM]
     rows = tl.load(rows_ptr + rb * BM + offs_m, mask=m_ok, other=-1)
     r_ok = rows >= 0
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + offs_p.to(tl.int64)[:, None] * stride_yp + rows[None, :] * stride_ym
+    y = y_ptr + p64[:, None] * stride_yp + rows[None, :] * stride_ym
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & r_ok[None, :])
 
 
@@ -70,6 +79,9 @@ def _conv_kernel(
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BM_TILE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
+    # The input tile is loaded [K, P] with output positions fastest (consecutive positions are consecutive ow
+    # in NCHW, so the gather is coalesced along an image row) and transposed into the dot, whose M dimension
+    # is positions (>= 64 per warpgroup: Hopper wgmma even for 16/32-row blocks).
     pid = tl.program_id(0)
     rb = pid % NRB
     pt = pid // NRB
@@ -92,21 +104,23 @@ def _conv_kernel(
         kidx = tl.load(cols_ptr + c * BK + offs_k)
         cin = kidx // (KH * KW)
         tap = kidx % (KH * KW)
-        ih = ih0[:, None] + (tap // KW)[None, :] * DH
-        iw = iw0[:, None] + (tap % KW)[None, :] * DW
-        ok = p_ok[:, None] & (kidx >= 0)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x = tl.load(x_img[:, None] + cin[None, :] * sxc + ih * sxh + iw * sxw, mask=ok, other=0.0)
+        ih = (tap // KW)[:, None] * DH + ih0[None, :]
+        iw = (tap % KW)[:, None] * DW + iw0[None, :]
+        ok = (kidx >= 0)[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xk = tl.load(x_img[None, :] + cin[:, None] * sxc + ih * sxh + iw * sxw, mask=ok, other=0.0)  # [BK, BN]
         w = tl.load(vals_ptr + c * (BK * BM) + offs_k[:, None] * BM + offs_m[None, :], mask=m_ok[None, :], other=0.0)
+        x = tl.trans(xk)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PREC)
+        acc = tl.dot(x, w, acc, input_precision=PREC)  # [BN, BK] x [BK, BM]
     rows = tl.load(rows_ptr + rb * BM + offs_m, mask=m_ok, other=-1)
     r_ok = rows >= 0
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + n.to(tl.int64)[:, None] * syn + rows[None, :] * syc + (oh * syh + ow * syw)[:, None]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & r_ok[None, :])
+    out = tl.trans(acc)  # [BM, BN]: stores run along positions = along ow in NCHW
+    y = y_ptr + rows[:, None] * syc + (n.to(tl.int64) * syn + oh * syh + ow * syw)[None, :]
+    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & p_ok[None, :])
 
 
 INTERPRETER_BN = 32  # the one fixed config on the CPU interpreter (speed there is meaningless)
@@ -140,7 +154,7 @@ def compiled(kind: str, mode: str, tuned: bool = True):  # noqa: ANN201
 
 def compile_only(
     kind: str, dtype: str, precision: str, bm: int, bk: int, bn: int,
-    num_warps: int = 4, num_stages: int = 3, arch: int = 90,
+    num_warps: int = 4, num_stages: int = 3, arch: int = 90, kmajor: bool = False,
 ):  # noqa: ANN201  # fmt: skip
     """Compile one kernel variant for an NVIDIA target without a GPU (Triton's bundled ptxas); returns the
     CompiledKernel (``.asm["ptx"]``, ``.metadata.shared``). Used to check the GPU path where none is lent.
@@ -155,7 +169,9 @@ def compile_only(
     consts = dict(
         HAS_BIAS=True, BM=bm, BM_TILE=max(16, 1 << (bm - 1).bit_length()), BK=bk, BN=bn, PREC=precision, UPCAST=False
     )
-    if kind != "linear":
+    if kind == "linear":
+        consts.update(KMAJOR=kmajor)
+    else:
         consts.update(KH=3, KW=3)
     sig.update({n: "constexpr" for n in consts})
     src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})

@@ -95,6 +95,10 @@ def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: in
     crow[1:] = torch.cumsum(nch_o, 0)
     rows = torch.cat([ro, torch.full((pad,), -1, dtype=torch.long, device=dev)]).view(nrb, bm)[order]
     uniform = bool(nrb == 0 or bool((nch == nch[0]).all()))
+    # share of neighbouring gathered columns that are adjacent in memory (b x b: ~1, scattered 1xN: ~0)
+    pairs = (cols_c[:, 1:] >= 0) & (cols_c[:, :-1] >= 0)
+    adjacent = pairs & (cols_c[:, 1:] == cols_c[:, :-1] + 1)
+    contiguous = float(adjacent.sum()) / max(1, int(pairs.sum()))
     kept = int(mask2.sum())
     tensors = {
         "values": vals_c.contiguous(),
@@ -114,6 +118,7 @@ def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: in
         "chunks": int(crow[-1]),
         "kept": kept,
         "fill": kept / max(1, int(crow[-1]) * bk * bm),  # share of stored slots that hold kept weights
+        "contiguous": contiguous,
         "column_order": "block-major; (kh, kw, cin) inside a block",
         "gemm_shape": [m, k],
     }

@@ -52,7 +52,7 @@ class TritonBlock(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.layer.kind} {tuple(self.layer.weight_shape)}, {self.pattern}, chunks={int(self.crow[-1])} "
-            f"x {self.bk}, precision={self.precision}"
+            f"x {self.bk}, precision={self.precision}" + (", K-major input" if getattr(self, "kmajor", False) else "")
         )
 
     def _mode(self, x: torch.Tensor) -> str:
@@ -104,7 +104,17 @@ class TritonBlock(nn.Module):
 
 
 class TritonBlockLinear(TritonBlock):
-    """``F.linear(x, W*mask, bias)`` through the triton-block kernel."""
+    """``F.linear(x, W*mask, bias)`` through the triton-block kernel.
+
+    ``kmajor``: gather from a ``[K, P]`` copy of the input (one transpose per call) instead of the ``[P, K]``
+    input itself. Chosen when the layout's kept columns are scattered (1xN rows): row-major gathers of single
+    columns would fetch a 32-byte sector per 4-byte value, K-major gathers read whole rows of positions.
+    b x b blocks keep their columns in runs and gather from the input as it is.
+    """
+
+    def __init__(self, layer: LayerInfo, layout: Layout, bias: torch.Tensor | None, precision: str, tile_p: int) -> None:
+        super().__init__(layer, layout, bias, precision, tile_p)
+        self.kmajor = float(layout.meta.get("contiguous", 1.0)) < 0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self._mode(x)
@@ -115,11 +125,13 @@ class TritonBlockLinear(TritonBlock):
         y = alloc_output((p, self.m), x)
         if p and self.nrb:
             ptrs, meta = self._common(x, mode)
+            xs = x2.t().contiguous() if self.kmajor else x2  # [K, P] or [P, K]; strides tell the kernel which
+            sxp, sxk = (xs.stride(1), xs.stride(0)) if self.kmajor else (xs.stride(0), xs.stride(1))
             args = dict(
-                x_ptr=x2, y_ptr=y, M=self.m, K=self.k, P=p, NRB=self.nrb, CHUNKS=self.chunks,
-                stride_xp=x2.stride(0), stride_xk=x2.stride(1), stride_yp=y.stride(0), stride_ym=y.stride(1), **ptrs,
+                x_ptr=xs, y_ptr=y, M=self.m, K=self.k, P=p, NRB=self.nrb, CHUNKS=self.chunks,
+                stride_xp=sxp, stride_xk=sxk, stride_yp=y.stride(0), stride_ym=y.stride(1), **ptrs,
             )  # fmt: skip
-            self._launch("linear", mode, p, args, meta, x.device)
+            self._launch("linear", mode, p, args, {**meta, "KMAJOR": self.kmajor}, x.device)
         return y.reshape(*x.shape[:-1], self.m)
 
 
