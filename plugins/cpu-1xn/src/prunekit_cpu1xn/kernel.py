@@ -2,8 +2,8 @@
 
 Fallback rule (``fallback = "auto"``), a model calibrated on this kernel's benchmark
 (benches/results/cpu1xn.md; see README): the packed layer wins when its density is below the ratio of
-the kernel's efficiency to dense F.conv2d's for that block height, with a margin, and when a block-row
-holds enough work per activation tile to amortise the tile's fixed costs. Spatial size is not known
+the kernel's efficiency to dense F.conv2d's for that block height, with a margin, and the layer is not
+so small that fixed per-call costs dominate. Spatial size is not known
 when a layer is built, so the rule uses only the weight's shape and pattern.
 """
 
@@ -28,7 +28,7 @@ ISA_CHOICES = ("auto", "avx512", "avx2")
 # calibrated from benches/results/cpu1xn.md (geometric means over ResNet-50 layer shapes).
 EFFICIENCY = {2: 0.25, 4: 0.55, 8: 0.7, 16: 0.8, 32: 0.8}
 MARGIN = 1.15  # predicted speed-up needed before the packed path is chosen
-MIN_FMAS_PER_ROW = 24  # kept units x taps per block-row below which tile overheads dominate
+MIN_WEIGHTS = 1024  # dense M*K below which fixed per-call costs dominate either way: keep it dense
 
 
 def predicted_speedup(layout: Layout) -> float:
@@ -50,11 +50,9 @@ def decide(layer: LayerInfo, layout: Layout, mode: str) -> tuple[bool, str]:
             f"predicted speed-up {speed:.2f}x < {MARGIN}x at density {layout.meta['density']:.2f} for N = "
             f"{layout.meta['n']} (low sparsity): dense F.{'linear' if layer.kind == 'linear' else 'conv2d'} is faster"
         )
-    rp_total = layout.tensors["indices"].numel()
-    rows = int(layout.meta["block_rows"])
-    work = rp_total / max(rows, 1) * int(layout.meta["taps"])
-    if work < MIN_FMAS_PER_ROW:
-        return False, f"tiny layer: {work:.0f} kept taps per block-row < {MIN_FMAS_PER_ROW}; dense is faster"
+    m, k = layer.gemm_shape
+    if m * k < MIN_WEIGHTS:
+        return False, f"tiny layer: {m}x{k} weights < {MIN_WEIGHTS}, the packed call's fixed cost dominates"
     return True, ""
 
 

@@ -28,6 +28,7 @@ def reference(layer: LayerInfo, x: torch.Tensor, w: torch.Tensor, bias: torch.Te
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """max |y - ref| / max |ref|; NaN anywhere in ``y`` counts as an infinite error."""
+    y, ref = y.detach(), ref.detach()
     if y.shape != ref.shape or not bool(torch.isfinite(y).all()):
         return float("inf")
     return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
