@@ -169,11 +169,15 @@ def test_mismatched_device_is_a_layout_error():
         mod(torch.randn(4, 32))
 
 
-@pytest.mark.parametrize(("block", "kmajor"), [((32, 32), False), ((16, 1), True)])
-def test_linear_gathers_k_major_for_scattered_columns_and_both_paths_agree(block, kmajor):
+@pytest.mark.parametrize(
+    ("block", "permute", "kmajor"), [((32, 32), False, False), ((32, 32), True, True), ((16, 1), False, True)]
+)
+def test_linear_gathers_k_major_for_scattered_columns_and_both_paths_agree(block, permute, kmajor):
     layer = LayerInfo("fc", "linear", (64, 96), has_bias=True)
-    mod, wm, bias = build(layer, block, permute=True)
-    assert mod.kmajor is kmajor  # 1xN columns are scattered -> K-major copy of the input; b x b runs -> as is
+    mod, wm, bias = build(layer, block, permute=permute)
+    # scattered columns (1xN, or blocks over permuted input channels) -> K-major copy of the input;
+    # b x b blocks in input order keep runs of columns -> the input as it is
+    assert mod.kmajor is kmajor
     x = torch.randn(3, 5, 96, device=DEVICE)
     ref = F.linear(x, wm, bias)
     assert rel_err(mod(x), ref) <= BOUND["ieee"]
