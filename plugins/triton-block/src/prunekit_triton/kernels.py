@@ -3,9 +3,13 @@
 Program = (row-block, P-tile of ``BN`` output positions); the row-block index runs fastest, so every
 row-block of one P-tile is scheduled together and the activations it gathers stay in L2. Each program
 walks its row-block's chunks ``crow[rb]..crow[rb+1]``: load ``BK`` original column indices, gather the
-``[BN, BK]`` activation tile at those columns (Linear: ``x[p, col]``; Conv: ``x[n, cin, oh*s-pad+kh*d,
-ow*s-pad+kw*d]`` decoded from ``col = cin*KH*KW + kh*KW + kw``, zero outside the image), load the
-``[BK, BM]`` weight tile and ``tl.dot`` into an fp32 accumulator. Epilogue: bias, cast, store to the
+activation tile at those columns (Linear: ``x[p, col]``; Conv: ``x[n, cin, oh*s-pad+kh*d, ow*s-pad+kw*d]``
+decoded from ``col = cin*KH*KW + kh*KW + kw``, zero outside the image), load the ``[BK, BM]`` weight tile and
+``acc[BN, BM] += x[BN, BK] @ w[BK, BM]`` in fp32. Positions are the dot's M dimension so Hopper's wgmma
+(64 rows per warpgroup) serves 16- and 32-row blocks too (checked in the sm_90 compile test). Gathers are
+issued along the contiguous axis: conv and K-major Linear load ``[BK, BN]`` tiles with positions fastest
+(consecutive ow in NCHW / a row of ``x^T``) and transpose them in registers; row-major Linear loads
+``[BN, BK]`` with columns fastest (runs of b columns for b x b blocks). Epilogue: bias, cast, store to the
 original output rows ``rows[rb, m]``. Rows with no kept column still get their bias (never left unwritten).
 
 The same Python functions are compiled two ways: ``JITFunction`` (+ ``triton.autotune`` keyed on the GEMM
