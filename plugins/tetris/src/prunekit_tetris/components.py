@@ -66,7 +66,7 @@ class TetrisParams(BlockParams):
     solver: str = "greedy"
     tol: float = 1e-7
     max_iters: int = 20
-    max_axis_mib: int = 1024
+    max_axis_mib: int = 256
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()

@@ -3,8 +3,11 @@ order) and M-steps (reorder each optimisable axis for the current mask) until th
 dropping by more than a relative tolerance, then one final E-step.
 
 Everything is stated on ``A`` = the layer's non-negative scores (``|w|`` for ``tetris-l1``), padded per the
-plan, with axes whose block spans the whole dim summed out first (kh, kw of ``[8, 8, 0, 0]``). All sums
-are fp64. Work is chunked so that no temporary exceeds ~``CHUNK`` elements; the per-axis gain matrix is
+plan, with axes whose block spans the whole dim summed out first (kh, kw of ``[8, 8, 0, 0]``). Sums inside
+one block use the scores' dtype (PyTorch's cascade summation: ~1e-7 relative error per block); every sum
+across blocks (the cost matrices S, pruned and total mass) is fp64. Work is chunked so that no temporary
+exceeds ~``CHUNK`` elements (small slabs are reused by the allocator; large fresh ones page-fault); the
+per-axis gain matrix is
 ``n x n/b`` (``n x n`` for the exact solver) and an axis whose matrix would exceed ``max_axis_mib`` is
 left unpermuted (greedy) or solved greedily (exact), and reported in ``skipped``.
 """
@@ -19,9 +22,10 @@ import numpy as np
 import torch
 
 from prunekit_tetris.geometry import BlockPlan
+from prunekit_tetris.matrix_em import MatrixEM, block_sum_cols, block_sum_rows
 from prunekit_tetris.solvers import exact_assignment, greedy_swaps
 
-CHUNK = 1 << 23  # elements per temporary slab (64 MiB in fp64)
+CHUNK = 1 << 21  # elements per temporary slab (16 MiB in fp64)
 F64 = torch.float64
 
 
@@ -87,11 +91,10 @@ def _reduce(a: torch.Tensor, perms: list[torch.Tensor | None], block: tuple[int,
         for d in range(a.ndim):
             if d != axis and perms[d] is not None:
                 x = x.index_select(d, perms[d])
-        x = x.to(F64)
         for d in reversed(range(a.ndim)):
             if d != keep and block[d] > 1:
                 x = x.unflatten(d, (-1, block[d])).sum(d + 1)
-        outs.append(x)
+        outs.append(x.to(F64))
     return torch.cat(outs, axis)
 
 
@@ -104,13 +107,112 @@ def _axis_cost(x: torch.Tensor, pruned: torch.Tensor, k: int, perm: torch.Tensor
 
 
 def _e_step(grid: torch.Tensor, p: int) -> tuple[torch.Tensor, float]:
-    """Prune the ``p`` lowest-sum blocks (ties: lower flat index first). Returns (pruned grid, pruned mass)."""
+    """Prune the ``p`` lowest-sum blocks (ties: lower flat index first). Returns (pruned grid, pruned mass).
+
+    Same result as a stable sort, in O(NB): the p-th smallest value, everything below it, then the
+    lowest-index blocks equal to it.
+    """
     flat = grid.reshape(-1)
-    pruned = torch.zeros(flat.shape, dtype=torch.bool, device=grid.device)
-    if p > 0:
-        order = torch.sort(flat, stable=True).indices
-        pruned[order[:p]] = True
+    if p <= 0:
+        return torch.zeros(grid.shape, dtype=torch.bool, device=grid.device), 0.0
+    if p >= flat.numel():
+        return torch.ones(grid.shape, dtype=torch.bool, device=grid.device), float(flat.sum())
+    kth = flat.kthvalue(p).values
+    pruned = flat < kth
+    need = p - int(pruned.sum())
+    ties = (flat == kth).nonzero().flatten()[:need]
+    pruned[ties] = True
     return pruned.reshape(grid.shape), float(flat[pruned].sum())
+
+
+def _em_general(a, grid, block_t, plan, axes, live, perms, pruned, mass, p, solver, tol_abs, max_iters, max_axis_mib,
+                max_swaps_per_slice, used):  # noqa: ANN001, ANN202
+    """EM on any number of live axes: each M-step recomputes its reductions (conv blocks with b = 1 taps)."""
+    block = list(block_t)
+    grid = grid[0]
+    history: list[float] = []
+    iterations = swaps = 0
+    cached: dict[int, tuple[int, torch.Tensor]] = {}  # axis -> (version of the other axes' perms, x_k)
+    version = [0] * a.ndim
+    for it in range(max_iters):
+        iterations = it + 1
+        for k in axes:
+            key = sum(version) - version[k]
+            if k not in cached or cached[k][0] != key:
+                cached[k] = (key, _reduce(a, perms, block_t, k))
+            x = cached[k][1]
+            perm_k = perms[k] if perms[k] is not None else torch.arange(a.shape[k], device=a.device)
+            d = _axis_cost(x, pruned, k, perm_k).cpu().numpy()
+            n, b = d.shape[0], block[k]
+            own = d[np.arange(n), np.arange(n) // b].copy()
+            np.subtract(own[:, None], d, out=d)  # S -> D in place (bounded memory for long axes)
+            pinned = np.zeros(n, dtype=bool)
+            pinned[plan.shape[k] :] = True
+            use = solver
+            if solver == "exact" and n * n * 8 > max_axis_mib * 2**20:
+                use = "greedy"  # the n x n cost matrix would not fit the memory bound
+            if use == "exact":
+                order, _gain, _ = exact_assignment(d, b, pinned, tol_abs)
+            else:
+                order, _gain, _ = greedy_swaps(d, b, pinned, tol_abs, max_swaps_per_slice * n)
+            used[k] = use
+            moved = int((order // b != np.arange(n) // b).sum())  # slices that changed block
+            swaps += moved
+            if moved:
+                perms[k] = perm_k.index_select(0, torch.as_tensor(order, device=a.device))
+                version[k] += 1
+        # E-step for the new order, from the last axis's reduction (its other axes are unchanged).
+        k = axes[-1]
+        x = cached[k][1]
+        pk = perms[k]
+        if pk is not None:
+            x = x.index_select(k, pk)
+        grid = x.unflatten(k, (-1, block[k])).sum(k + 1, dtype=F64)
+        new_pruned, new_mass = _e_step(grid, p)
+        history.append(new_mass)
+        improved = mass - new_mass
+        pruned, mass = new_pruned, new_mass
+        if not improved > tol_abs:
+            break
+
+    return pruned, mass, history, iterations, swaps
+
+
+def _em_matrix(a, grid, block_t, plan, axes, live, perms, pruned, mass, p, solver, tol_abs, max_iters, max_axis_mib,
+               max_swaps_per_slice, used):  # noqa: ANN001, ANN202
+    """EM on a matrix (<= 2 live axes) with incremental bookkeeping (``matrix_em``)."""
+    dims = live + [None] * (2 - len(live))
+    n = [a.shape[d] if d is not None else 1 for d in dims]
+    grid, colsum = grid
+    em = MatrixEM(
+        a.reshape(n[0], n[1]),
+        grid,
+        colsum,
+        tuple(block_t[d] if d is not None else 1 for d in dims),
+        tuple(plan.shape[d] if d is not None else 1 for d in dims),
+        tuple(d is not None and d in axes for d in dims),
+    )
+    grid_shape = pruned.shape
+    em.set_pruned(pruned.reshape(em.g.shape))
+    history: list[float] = []
+    iterations = swaps = 0
+    for it in range(max_iters):
+        iterations = it + 1
+        for k, d in enumerate(dims):
+            if d is not None and d in axes:
+                swaps += em.m_step(k, solver, tol_abs, max_swaps_per_slice * n[k], max_axis_mib * 2**20)
+                used[d] = em.axes[k].solver
+        new_pruned, new_mass = _e_step(em.g, p)
+        em.set_pruned(new_pruned)
+        history.append(new_mass)
+        improved = mass - new_mass
+        mass = new_mass
+        if not improved > tol_abs:
+            break
+    for k, d in enumerate(dims):
+        if d is not None and d in axes:
+            perms[d] = torch.as_tensor(em.axes[k].perm, device=a.device)
+    return em.pruned.reshape(grid_shape), mass, history, iterations, swaps
 
 
 def tile(
@@ -121,12 +223,10 @@ def tile(
     solver: str = "greedy",
     tol: float = 1e-7,
     max_iters: int = 20,
-    max_axis_mib: int = 1024,
+    max_axis_mib: int = 256,
     max_swaps_per_slice: int = 8,
 ) -> TileResult:
     """Block-prune ``scores`` at ``rate`` (fraction of blocks), reordering axes first when ``reorder``."""
-    if scores.min() < 0:
-        raise ValueError("tile() needs non-negative scores")
     a = scores.detach()
     if plan.padded != plan.shape:
         pad = []
@@ -137,17 +237,30 @@ def tile(
     # Sum out whole-dim axes (b = n): permuting them cannot change any block sum.
     whole = [d for d in range(a.ndim) if block[d] == a.shape[d] and a.shape[d] > 1]
     if whole:
-        a = a.to(F64).sum(dim=whole, keepdim=True)
+        a = a.sum(dim=whole, keepdim=True)
         for d in whole:
             block[d] = 1
     block_t = tuple(block)
-    total = float(a.sum(dtype=F64))
-    tol_abs = tol * total
     nb = plan.num_blocks
     p = pruned_count(nb, rate)
     perms: list[torch.Tensor | None] = [None] * a.ndim
 
-    grid = _reduce(a, perms, block_t, None)
+    live = [d for d in range(a.ndim) if a.shape[d] > 1]
+    grid_shape = tuple(n // b for n, b in zip(a.shape, block_t))
+    colsum = None
+    if len(live) <= 2:  # a matrix: one pass gives the column-block sums (X_0) and the grid
+        dims = live + [None] * (2 - len(live))
+        n2 = [a.shape[d] if d is not None else 1 for d in dims]
+        b2 = [block_t[d] if d is not None else 1 for d in dims]
+        a2 = a.reshape(n2)
+        colsum = block_sum_cols(a2, b2[1]) if b2[1] > 1 else None
+        grid = block_sum_rows(colsum if colsum is not None else a2, b2[0]).reshape(grid_shape)
+    else:
+        grid = _reduce(a, perms, block_t, None)
+    if grid.min() < 0:
+        raise ValueError("tile() needs non-negative scores")
+    total = float(grid.sum())
+    tol_abs = tol * total
     pruned, mass = _e_step(grid, p)
     baseline = mass
     history = [mass]
@@ -161,67 +274,28 @@ def tile(
             skipped[k] = f"gain matrix {n}x{n // b} fp64 exceeds max_axis_mib={max_axis_mib}"
     axes = [k for k in axes if k not in skipped]
     if reorder and axes and 0 < p < nb and total > 0:
-        cached: dict[int, tuple[int, torch.Tensor]] = {}  # axis -> (version of the other axes' perms, x_k)
-        version = [0] * a.ndim
-        for it in range(max_iters):
-            iterations = it + 1
-            for k in axes:
-                key = sum(version) - version[k]
-                if k not in cached or cached[k][0] != key:
-                    cached[k] = (key, _reduce(a, perms, block_t, k))
-                x = cached[k][1]
-                perm_k = perms[k] if perms[k] is not None else torch.arange(a.shape[k], device=a.device)
-                d = _axis_cost(x, pruned, k, perm_k).cpu().numpy()
-                n, b = d.shape[0], block[k]
-                own = d[np.arange(n), np.arange(n) // b].copy()
-                np.subtract(own[:, None], d, out=d)  # S -> D in place (bounded memory for long axes)
-                pinned = np.zeros(n, dtype=bool)
-                pinned[plan.shape[k] :] = True
-                use = solver
-                if solver == "exact" and n * n * 8 > max_axis_mib * 2**20:
-                    use = "greedy"  # the n x n cost matrix would not fit the memory bound
-                if use == "exact":
-                    order, _gain, moved = exact_assignment(d, b, pinned, tol_abs)
-                else:
-                    order, _gain, moved = greedy_swaps(d, b, pinned, tol_abs, max_swaps_per_slice * n)
-                used[k] = use
-                swaps += moved
-                if moved:
-                    perms[k] = perm_k.index_select(0, torch.as_tensor(order, device=a.device))
-                    version[k] += 1
-            # E-step for the new order, from the last axis's reduction (its other axes are unchanged).
-            k = axes[-1]
-            x = cached[k][1]
-            pk = perms[k]
-            if pk is not None:
-                x = x.index_select(k, pk)
-            grid = x.unflatten(k, (-1, block[k])).sum(k + 1, dtype=F64)
-            new_pruned, new_mass = _e_step(grid, p)
-            history.append(new_mass)
-            improved = mass - new_mass
-            pruned, mass = new_pruned, new_mass
-            if not improved > tol_abs:
-                break
+        run = _em_matrix if len(live) <= 2 else _em_general
+        pruned, mass, extra, iterations, swaps = run(
+            a, (grid, colsum), block_t, plan, axes, live, perms, pruned, mass, p, solver, tol_abs, max_iters, max_axis_mib,
+            max_swaps_per_slice, used
+        )
+        history += extra
 
-    keep = ~pruned
-    for d in range(a.ndim):
-        if plan.block[d] > 1:
-            keep = keep.repeat_interleave(plan.block[d], dim=d)
-    mask = keep
+    # Mask in original coordinates: original index i of dim d sits in slot inv_d[i], i.e. block inv_d[i] // b_d.
+    mask = ~pruned
     out_perms: list[torch.Tensor | None] = []
-    for d in range(a.ndim):
-        pd = perms[d]
+    for d in reversed(range(a.ndim)):
+        n, pd = plan.shape[d], perms[d]
+        slot = torch.arange(n, device=a.device)
         if pd is not None:
             inv = torch.empty_like(pd)
             inv[pd] = torch.arange(pd.numel(), device=pd.device)
-            mask = mask.index_select(d, inv)  # original index i sits in slot inv[i]
-            pd = pd[: plan.shape[d]]  # padding is pinned to the tail slots
-            if torch.equal(pd, torch.arange(pd.numel(), device=pd.device)):
+            slot = inv[:n]
+            pd = pd[:n]  # padding is pinned to the tail slots
+            if torch.equal(pd, torch.arange(n, device=pd.device)):
                 pd = None
-        out_perms.append(pd)
-    for d, n in enumerate(plan.shape):
-        if mask.shape[d] != n:
-            mask = mask.narrow(d, 0, n)
+        out_perms.insert(0, pd)
+        mask = mask.index_select(d, slot // plan.block[d])
     denom = total if total > 0 else 1.0
     return TileResult(
         mask=mask.contiguous().to(scores.device),
