@@ -125,56 +125,58 @@ def _e_step(grid: torch.Tensor, p: int) -> tuple[torch.Tensor, float]:
     return pruned.reshape(grid.shape), float(flat[pruned].sum())
 
 
+def _phases(solver: str) -> tuple[str, ...]:
+    """"exact" runs greedy EM to its fixed point, then EM with exact M-steps from there: every exact M-step
+    can only lower the pruned mass, so the result is never worse than greedy's (a cold exact trajectory
+    can end in a worse local optimum)."""
+    return ("greedy", "exact") if solver == "exact" else ("greedy",)
+
+
 def _em_general(a, grid, block_t, plan, axes, live, perms, pruned, mass, p, solver, tol_abs, max_iters, max_axis_mib,
                 max_swaps_per_slice, used):  # noqa: ANN001, ANN202
     """EM on any number of live axes: each M-step recomputes its reductions (conv blocks with b = 1 taps)."""
     block = list(block_t)
-    grid = grid[0]
     history: list[float] = []
-    iterations = swaps = 0
+    iterations = 0
+    swaps = 0
     cached: dict[int, tuple[int, torch.Tensor]] = {}  # axis -> (version of the other axes' perms, x_k)
     version = [0] * a.ndim
-    for it in range(max_iters):
-        iterations = it + 1
-        for k in axes:
-            key = sum(version) - version[k]
-            if k not in cached or cached[k][0] != key:
-                cached[k] = (key, _reduce(a, perms, block_t, k))
+    for phase in _phases(solver):
+        for _ in range(max_iters):
+            iterations += 1
+            for k in axes:
+                key = sum(version) - version[k]
+                if k not in cached or cached[k][0] != key:
+                    cached[k] = (key, _reduce(a, perms, block_t, k))
+                x = cached[k][1]
+                perm_k = perms[k] if perms[k] is not None else torch.arange(a.shape[k], device=a.device)
+                d = _axis_cost(x, pruned, k, perm_k).cpu().numpy()
+                n, b = d.shape[0], block[k]
+                own = d[np.arange(n), np.arange(n) // b].copy()
+                np.subtract(own[:, None], d, out=d)  # S -> D in place (bounded memory for long axes)
+                pinned = np.arange(n) >= plan.shape[k]
+                use = "exact" if phase == "exact" and n * n * 8 <= max_axis_mib * 2**20 else "greedy"
+                if use == "exact":
+                    order, _gain, _ = exact_assignment(d, b, pinned, tol_abs)
+                else:
+                    order, _gain, _ = greedy_swaps(d, b, pinned, tol_abs, max_swaps_per_slice * n)
+                used[k] = use
+                moved = int((order // b != np.arange(n) // b).sum())  # slices that changed block
+                swaps += moved
+                if moved:
+                    perms[k] = perm_k.index_select(0, torch.as_tensor(order, device=a.device))
+                    version[k] += 1
+            # E-step for the new order, from the last axis's reduction (its other axes are unchanged).
+            k = axes[-1]
             x = cached[k][1]
-            perm_k = perms[k] if perms[k] is not None else torch.arange(a.shape[k], device=a.device)
-            d = _axis_cost(x, pruned, k, perm_k).cpu().numpy()
-            n, b = d.shape[0], block[k]
-            own = d[np.arange(n), np.arange(n) // b].copy()
-            np.subtract(own[:, None], d, out=d)  # S -> D in place (bounded memory for long axes)
-            pinned = np.zeros(n, dtype=bool)
-            pinned[plan.shape[k] :] = True
-            use = solver
-            if solver == "exact" and n * n * 8 > max_axis_mib * 2**20:
-                use = "greedy"  # the n x n cost matrix would not fit the memory bound
-            if use == "exact":
-                order, _gain, _ = exact_assignment(d, b, pinned, tol_abs)
-            else:
-                order, _gain, _ = greedy_swaps(d, b, pinned, tol_abs, max_swaps_per_slice * n)
-            used[k] = use
-            moved = int((order // b != np.arange(n) // b).sum())  # slices that changed block
-            swaps += moved
-            if moved:
-                perms[k] = perm_k.index_select(0, torch.as_tensor(order, device=a.device))
-                version[k] += 1
-        # E-step for the new order, from the last axis's reduction (its other axes are unchanged).
-        k = axes[-1]
-        x = cached[k][1]
-        pk = perms[k]
-        if pk is not None:
-            x = x.index_select(k, pk)
-        grid = x.unflatten(k, (-1, block[k])).sum(k + 1, dtype=F64)
-        new_pruned, new_mass = _e_step(grid, p)
-        history.append(new_mass)
-        improved = mass - new_mass
-        pruned, mass = new_pruned, new_mass
-        if not improved > tol_abs:
-            break
-
+            if perms[k] is not None:
+                x = x.index_select(k, perms[k])
+            new_pruned, new_mass = _e_step(x.unflatten(k, (-1, block[k])).sum(k + 1, dtype=F64), p)
+            history.append(new_mass)
+            improved = mass - new_mass
+            pruned, mass = new_pruned, new_mass
+            if not improved > tol_abs:
+                break
     return pruned, mass, history, iterations, swaps
 
 
@@ -196,19 +198,20 @@ def _em_matrix(a, grid, block_t, plan, axes, live, perms, pruned, mass, p, solve
     em.set_pruned(pruned.reshape(em.g.shape))
     history: list[float] = []
     iterations = swaps = 0
-    for it in range(max_iters):
-        iterations = it + 1
-        for k, d in enumerate(dims):
-            if d is not None and d in axes:
-                swaps += em.m_step(k, solver, tol_abs, max_swaps_per_slice * n[k], max_axis_mib * 2**20)
-                used[d] = em.axes[k].solver
-        new_pruned, new_mass = _e_step(em.g, p)
-        em.set_pruned(new_pruned)
-        history.append(new_mass)
-        improved = mass - new_mass
-        mass = new_mass
-        if not improved > tol_abs:
-            break
+    for phase in _phases(solver):
+        for _ in range(max_iters):
+            iterations += 1
+            for k, d in enumerate(dims):
+                if d is not None and d in axes:
+                    swaps += em.m_step(k, phase, tol_abs, max_swaps_per_slice * n[k], max_axis_mib * 2**20)
+                    used[d] = em.axes[k].solver
+            new_pruned, new_mass = _e_step(em.g, p)
+            em.set_pruned(new_pruned)
+            history.append(new_mass)
+            improved = mass - new_mass
+            mass = new_mass
+            if not improved > tol_abs:
+                break
     for k, d in enumerate(dims):
         if d is not None and d in axes:
             perms[d] = torch.as_tensor(em.axes[k].perm, device=a.device)
