@@ -10,3 +10,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    # On a GPU, references must be IEEE fp32: cuDNN convs default to TF32 (fp32_precision API only; mixing it
+    # with the legacy allow_tf32 flags is an error in this torch).
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"

@@ -19,6 +19,8 @@ from prunekit.pipeline import Pipeline
 from prunekit.plugins import ComponentInfo
 from prunekit.records import LayerInfo, Layout
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _packed(layer, block=(16, 1), seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -163,10 +165,11 @@ def test_pipeline_compiles_every_layer_to_the_same_function(monkeypatch, tmp_pat
     pipe.attach(model)
     pipe.step(0)
     pipe.finalize()
-    dense = copy.deepcopy(model)
-    x = torch.randn(2, 16, 6, 6)
+    dense = copy.deepcopy(model).to(DEVICE)
+    x = torch.randn(2, 16, 6, 6, device=DEVICE)
     ref = dense(x)
     states = pipe.compile()
+    model.to(DEVICE)  # the Triton modules run on CUDA, or on the CPU interpreter
     assert all(s.compiled.kernel.startswith("triton-block/") for s in states)
     assert isinstance(model.conv1, TritonBlockConv2d) and isinstance(model.fc, TritonBlockLinear)
     assert pipe.sparsity() == pytest.approx(0.5, abs=0.02)

@@ -10,6 +10,7 @@ from prunekit.models import build_model
 from prunekit.pipeline import Pipeline
 from prunekit.plugins import installed_components
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REGISTRY = Path(__file__).resolve().parents[3] / "registry.toml"
 NEEDS = {"subp-1x32-triton": ("select", "subp-uniform"), "blocks-32x32-triton": ("select", "blocks")}
 
@@ -25,9 +26,10 @@ def test_registry_pipeline_compiles_to_the_masked_dense_function(name):
     for step in range(pipe.epochs):
         pipe.step(step)
     pipe.finalize()
-    dense = copy.deepcopy(model)
-    x = torch.randn(3, 1, 8, 8)
+    dense = copy.deepcopy(model).to(DEVICE)
+    x = torch.randn(3, 1, 8, 8, device=DEVICE)
     states = pipe.compile()
+    model.to(DEVICE)
     compiled = [s for s in states if s.compiled is not None]
     assert compiled and all(s.compiled.kernel.startswith("triton-block/") for s in compiled)
     with torch.no_grad():
