@@ -325,3 +325,19 @@ def test_pipeline_rejects_bad_values_at_load(make_pipeline) -> None:  # noqa: AN
         make_pipeline("bpar", "n = 7")
     with pytest.raises(PrunekitError, match="pruned_decay"):
         make_pipeline("subp-l1", "pruned_decay = -1.0")
+
+
+def test_registry_sections_load_with_their_params() -> None:
+    pytest.importorskip("prunekit_schedules")
+    pytest.importorskip("prunekit_onexn")
+    from pathlib import Path
+
+    from prunekit.pipeline import Pipeline
+
+    registry = Path(__file__).resolve().parents[3] / "registry.toml"
+    subp = Pipeline.load("subp-1x16", registry)
+    assert subp.component_params["select"].n == subp.component_params["score"].n == 16
+    assert subp.host.keep_first_dense and subp.host.keep_last_dense
+    rearranged = Pipeline.load("onexn-rearrange-n16", registry)
+    assert rearranged.component_params["score"].rearrange and rearranged.component_params["select"].rearrange
+    assert Pipeline.load("onexn-l1-n4", registry).component_params["select"].n == 4
