@@ -121,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense {MODEL}: {dense_acc:.2f}% ({origin})", flush=True)
 
     results: dict[tuple[int, float, str], list[dict[str, float]]] = {}
-    for n in args.ns:
-        for p in args.sparsities:
-            for variant in VARIANTS:
-                for seed in args.seeds:
+    cached = origin.startswith("cache")
+    argv_used = argv if argv is not None else sys.argv[1:]
+    # seeds outermost: the table is written after every complete pass, so a long run leaves a usable table
+    for done, seed in enumerate(args.seeds, 1):
+        for n in args.ns:
+            for p in args.sparsities:
+                for variant in VARIANTS:
                     t = time.perf_counter()
                     pipe = make_pipeline(reg, variant, n, p, args.epochs, seed)
                     r = run_variant(pipe, dense_state, bundle, args.epochs, seed)
@@ -134,11 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(after prune {r['after_prune']:.2f}%, sparsity {r['sparsity']:.4f}, {time.perf_counter() - t:.0f}s)",
                         flush=True,
                     )
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    cached = origin.startswith("cache")
-    write_table(
-        Path(args.out), args, results, dense_acc, (wall, cpu), cached, argv if argv is not None else sys.argv[1:]
-    )
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        write_table(Path(args.out), args, args.seeds[:done], results, dense_acc, (wall, cpu), cached, argv_used)
     print(f"wrote {args.out} in {wall:.0f}s")
     return 0
 
@@ -156,6 +156,7 @@ def cpu_name() -> str:
 def write_table(
     out: Path,
     args: argparse.Namespace,
+    seeds: list[int],
     results: dict,
     dense_acc: float,
     times: tuple[float, float],
@@ -167,8 +168,8 @@ def write_table(
         "# 1xN vs SUBP on digits (resnet-digits)",
         "",
         f"Top-1 test accuracy (%) on the 359 held-out digits images after pruning the dense model ({dense_acc:.2f}%) "
-        f"and fine-tuning {args.epochs} epochs (the pipelines' SGD, lr 0.01, cosine), seeds {args.seeds}"
-        + (" (mean ± sd)" if len(args.seeds) > 1 else "")
+        f"and fine-tuning {args.epochs} epochs (the pipelines' SGD, lr 0.01, cosine), seeds {seeds}"
+        + (" (mean ± sd)" if len(seeds) > 1 else "")
         + ". One test image = 0.28 points.",
         "",
         "| N | sparsity | dense | " + " | ".join(names) + " |",
