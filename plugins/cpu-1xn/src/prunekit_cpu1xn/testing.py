@@ -32,3 +32,35 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     if y.shape != ref.shape or not bool(torch.isfinite(y).all()):
         return float("inf")
     return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+# ResNet-50 (torchvision v1.5) conv shapes, kernels.md 3.1: (id, Cin, Cout, k, input H=W, stride).
+RESNET50_SHAPES: tuple[tuple[str, int, int, int, int, int], ...] = (
+    ("L1a", 256, 64, 1, 56, 1),
+    ("L1b", 64, 64, 3, 56, 1),
+    ("L1c", 64, 256, 1, 56, 1),
+    ("L2a", 512, 128, 1, 28, 1),
+    ("L2b", 128, 128, 3, 28, 1),
+    ("L2c", 128, 512, 1, 28, 1),
+    ("L3a", 1024, 256, 1, 14, 1),
+    ("L3b", 256, 256, 3, 14, 1),
+    ("L3c", 256, 1024, 1, 14, 1),
+    ("L4a", 2048, 512, 1, 7, 1),
+    ("L4b", 512, 512, 3, 7, 1),
+    ("L4c", 512, 2048, 1, 7, 1),
+)
+# first block of stages 2-4: stride-2 3x3 and 1x1 stride-2 downsample
+RESNET50_STRIDED: tuple[tuple[str, int, int, int, int, int], ...] = (
+    ("S2b", 128, 128, 3, 56, 2),
+    ("S2d", 256, 512, 1, 56, 2),
+    ("S3b", 256, 256, 3, 28, 2),
+    ("S3d", 512, 1024, 1, 28, 2),
+    ("S4b", 512, 512, 3, 14, 2),
+    ("S4d", 1024, 2048, 1, 14, 2),
+)
+
+
+def conv_layer(name: str, cin: int, cout: int, k: int, stride: int = 1) -> LayerInfo:
+    return LayerInfo(
+        name=name, kind="conv2d", weight_shape=(cout, cin, k, k), stride=(stride, stride), padding=(k // 2, k // 2)
+    )
