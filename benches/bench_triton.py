@@ -105,7 +105,9 @@ def layer_info(name: str, spec: dict[str, Any]):  # noqa: ANN201
     return LayerInfo(name, "conv2d", (spec["out"], spec["inp"], k, k), padding=(k // 2, k // 2))
 
 
-def torch_bsr(wm2: torch.Tensor, b: int, dense_kp: torch.Tensor, tune: bool) -> tuple[Callable[[], object], str]:
+def torch_bsr(
+    wm2: torch.Tensor, b: int, dense_kp: torch.Tensor, tune: bool
+) -> tuple[Callable[[], torch.Tensor], str]:
     """PyTorch's Triton BSR @ dense on the same b x b blocks, meta-parameters tuned for this device."""
     from torch.sparse._triton_ops import bsr_dense_addmm
 
@@ -168,7 +170,7 @@ def measure(
         if key not in dense_cache:
             dense_cache[key] = time_ms(dense)
         t_dense = dense_cache[key]
-        t_bsr, bsr_how = None, "n/a (blocks < 16 wide: not BSR-expressible)" if cols == 1 else "n/a"
+        t_bsr, bsr_err, bsr_how = None, None, "n/a (blocks < 16 wide: not BSR-expressible)" if cols == 1 else "n/a"
         if cols > 1 and dtype_name != "fp32-tf32" and dev == "cuda":
             wm2 = wm.reshape(m, k)
             if layer.kind == "linear":
@@ -178,7 +180,9 @@ def measure(
                 dense_kp = cols_.permute(1, 0, 2).reshape(k, p).t().contiguous().t()
             try:
                 fn, bsr_how = torch_bsr(wm2, rows, dense_kp, bsr_tune == "torch")
-                fn()
+                ref_mp = ref.t() if layer.kind == "linear" else ref.transpose(0, 1).reshape(m, p)
+                out = fn().float()
+                bsr_err = ((out - ref_mp.float()).abs().max() / ref_mp.float().abs().max().clamp_min(1e-30)).item()
                 t_bsr = time_ms(fn)
             except Exception as exc:  # report, do not abort the sweep
                 bsr_how = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
@@ -195,7 +199,7 @@ def measure(
         "dense_TFLOPs": flops / (t_dense * 1e-3) / 1e12,
         "t_torch_bsr_ms": t_bsr, "torch_bsr_meta": bsr_how,
         "speedup_vs_torch_bsr": (t_bsr / t_sparse) if t_bsr else None,
-        "chunk": lay.meta["bk"], "max_rel_err": err,
+        "chunk": lay.meta["bk"], "max_rel_err": err, "torch_bsr_err": bsr_err,
     }  # fmt: skip
 
 
