@@ -1,4 +1,4 @@
-"""The two registry pipelines this plugin serves, with the real select plugins when they are installed."""
+"""The registry pipelines this plugin serves, with the real select plugins when they are installed."""
 
 import copy
 from pathlib import Path
@@ -12,7 +12,11 @@ from prunekit.plugins import installed_components
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REGISTRY = Path(__file__).resolve().parents[3] / "registry.toml"
-NEEDS = {"subp-1x32-triton": ("select", "subp-uniform"), "blocks-32x32-triton": ("select", "blocks")}
+NEEDS = {
+    "subp-1x32-triton": ("select", "subp-uniform"),
+    "blocks-32x32-triton": ("select", "blocks"),
+    "tetris-32x32-triton": ("select", "tetris"),  # permuted blocks: both perms folded into the index arrays
+}
 
 
 @pytest.mark.parametrize("name", sorted(NEEDS))
