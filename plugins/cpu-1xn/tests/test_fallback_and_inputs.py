@@ -106,3 +106,24 @@ def test_compiler_check_reports_why(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.undo()
         ext.load.cache_clear()
     assert int(ext.load().isa()) in (2, 512)
+
+
+def test_copies_and_state_dicts_keep_computing_the_same_layer() -> None:
+    import copy
+    import io
+
+    compiled, wm, b = _packed(0.75, fallback="never")
+    x = torch.randn(2, 32, 7, 9)
+    ref = F.conv2d(x, wm, b, 1, 1)
+    clone = copy.deepcopy(compiled.module)
+    buf = io.BytesIO()
+    torch.save(compiled.module, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (compiled.module, clone, loaded):
+        assert rel_err(m(x), ref) <= 1e-5
+    # buffers replaced through _apply (e.g. .float() / .to()) are picked up by the prebuilt arguments
+    moved = copy.deepcopy(compiled.module).apply(lambda m: None).to(torch.device("cpu"))
+    moved.values.mul_(0)
+    assert float(moved(x).abs().sub(b.abs()[None, :, None, None]).abs().max()) < 1e-5  # bias only now
+    assert rel_err(compiled.module(x), ref) <= 1e-5  # the original is untouched

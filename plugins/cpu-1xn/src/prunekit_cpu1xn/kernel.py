@@ -2,8 +2,8 @@
 
 Fallback rule (``fallback = "auto"``), a model calibrated on this kernel's benchmark
 (benches/results/cpu1xn.md; see README): the packed layer wins when its density is below the ratio of
-the kernel's efficiency to dense F.conv2d's for that block height, with a margin, and the layer is not
-so small that fixed per-call costs dominate. Spatial size is not known
+the kernel's worst measured efficiency relative to dense F.conv2d for that block height, with a margin,
+and the layer is not so small that fixed per-call costs dominate. Spatial size is not known
 when a layer is built, so the rule uses only the weight's shape and pattern.
 """
 
@@ -24,18 +24,26 @@ from prunekit_cpu1xn.modules import Packed1xN, dense_module
 FALLBACK_MODES = ("auto", "never", "always")
 ISA_CHOICES = ("auto", "avx512", "avx2")
 
-# Packed-kernel efficiency relative to dense F.conv2d (fraction of ideal at equal threads), by N;
-# calibrated from benches/results/cpu1xn.md (geometric means over ResNet-50 layer shapes).
-EFFICIENCY = {2: 0.25, 4: 0.55, 8: 0.7, 16: 0.8, 32: 0.8}
+# Worst-case fraction of ideal (speed-up x density) the packed kernel reached against dense F.conv2d at
+# equal threads, by N, over the ResNet-50 shapes at batch 1 and 8, 1 and 2 threads, sparsity 0.2-0.5
+# (benches/results/cpu1xn.md, "Fallback calibration" and the per-layer rows), rounded down.
+EFFICIENCY = {2: 0.45, 4: 0.65, 8: 0.7, 16: 0.75, 32: 0.7}
 MARGIN = 1.15  # predicted speed-up needed before the packed path is chosen
-MIN_WEIGHTS = 1024  # dense M*K below which fixed per-call costs dominate either way: keep it dense
+MIN_WEIGHTS = 4096  # dense M*K below this: the packed call's ~12 us fixed cost can exceed what it saves
 
 
-def predicted_speedup(layout: Layout) -> float:
-    """Model of packed-vs-dense time for this layout (> 1: packed is faster)."""
-    n = int(layout.meta["n"])
-    density = max(float(layout.meta["density"]), 1e-6)
-    return EFFICIENCY[n] / density
+def rule(n: int, density: float, m: int, k: int, kind: str = "conv2d") -> tuple[bool, str]:
+    """The calibrated model: (packed?, reason when not)."""
+    speed = EFFICIENCY[n] / max(density, 1e-6)
+    if speed < MARGIN:
+        op = "linear" if kind == "linear" else "conv2d"
+        return False, (
+            f"predicted speed-up {speed:.2f}x < {MARGIN}x at density {density:.2f} for N = {n} "
+            f"(low sparsity): dense F.{op} is faster"
+        )
+    if m * k < MIN_WEIGHTS:
+        return False, f"tiny layer: {m}x{k} weights < {MIN_WEIGHTS}, the packed call's fixed cost dominates"
+    return True, ""
 
 
 def decide(layer: LayerInfo, layout: Layout, mode: str) -> tuple[bool, str]:
@@ -44,16 +52,8 @@ def decide(layer: LayerInfo, layout: Layout, mode: str) -> tuple[bool, str]:
         return False, "fallback = 'always' keeps every layer dense"
     if mode == "never":
         return True, ""
-    speed = predicted_speedup(layout)
-    if speed < MARGIN:
-        return False, (
-            f"predicted speed-up {speed:.2f}x < {MARGIN}x at density {layout.meta['density']:.2f} for N = "
-            f"{layout.meta['n']} (low sparsity): dense F.{'linear' if layer.kind == 'linear' else 'conv2d'} is faster"
-        )
     m, k = layer.gemm_shape
-    if m * k < MIN_WEIGHTS:
-        return False, f"tiny layer: {m}x{k} weights < {MIN_WEIGHTS}, the packed call's fixed cost dominates"
-    return True, ""
+    return rule(int(layout.meta["n"]), float(layout.meta["density"]), m, k, layer.kind)
 
 
 class Cpu1xN:

@@ -13,6 +13,8 @@ from prunekit.records import LayerInfo, Layout
 from prunekit_cpu1xn import ext
 from prunekit_cpu1xn.layout import densify, row_ptr_of
 
+_OP = None  # the loaded op (torch.ops.prunekit_cpu1xn.conv2d.default), looked up on first use
+
 
 class Packed1xN(nn.Module):
     """A conv2d or linear layer whose weight is a pack-1xn layout, run by the C++ kernel.
@@ -53,8 +55,33 @@ class Packed1xN(nn.Module):
             self.register_buffer("slot_bias", None)
             self.register_buffer("bias", None)
         self._dense: torch.Tensor | None = None
-        self.poison_output = False  # tests: the kernel fills its output with NaN before writing it
+        self._poison = False
         self._warned: set[str] = set()
+        self._refresh()
+
+    # The hot path passes one prebuilt argument tuple to the op (the per-call Python cost is what a small
+    # layer pays on top of the kernel); it is rebuilt whenever the buffers are replaced (_apply).
+    def _refresh(self) -> None:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        self._static = (
+            self.values, self.indices, self.row_ptr, self.out_rows, self.slot_bias,
+            self.out_channels, kh, kw, sh, sw, ph, pw, dh, dw, self.runs, self.isa, self._poison,
+        )  # fmt: skip
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return out
+
+    @property
+    def poison_output(self) -> bool:
+        """Tests: the kernel fills its output with NaN before writing it, so a missed element shows."""
+        return self._poison
+
+    @poison_output.setter
+    def poison_output(self, value: bool) -> None:
+        self._poison = bool(value)
+        self._refresh()
 
     def extra_repr(self) -> str:
         return f"{self.kind} {self.weight_shape}, N={self.n}, runs={self.runs}, isa={ext.isa_name(self.isa)}"
@@ -75,11 +102,29 @@ class Packed1xN(nn.Module):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.kind == "conv2d"
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and x.dim() == 4
+            and x.shape[1] == self.in_channels
+            and not (x.requires_grad and torch.is_grad_enabled())
+        ):
+            return self._call(x.contiguous())
+        return self._checked_forward(x)
+
+    def _call(self, x4: torch.Tensor) -> torch.Tensor:
+        global _OP
+        if _OP is None:
+            _OP = ext.load().conv2d.default
+        return _OP(x4, *self._static)
+
+    def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return self._dense_forward(x, f"input is on {x.device}, the kernel runs on the CPU")
         if x.dtype != torch.float32:
             return self._dense_forward(x, f"input is {x.dtype}, the kernel computes float32")
-        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad):
+        if torch.is_grad_enabled() and x.requires_grad:
             return self._dense_forward(x, "autograd is recording and the kernel has no backward")
         if self.kind == "linear":
             return self._linear(x)
@@ -90,7 +135,7 @@ class Packed1xN(nn.Module):
             raise LayoutError(
                 f"layer {self.name}: expected input [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
             )
-        y = self._run(x.contiguous())
+        y = self._call(x.contiguous())
         return y.squeeze(0) if squeeze else y
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,15 +146,8 @@ class Packed1xN(nn.Module):
         p = xt.shape[1]
         if p == 0:
             return x.new_empty(*lead, self.out_channels)
-        y = self._run(xt.view(1, self.in_channels, 1, p))
+        y = self._call(xt.view(1, self.in_channels, 1, p))
         return y.view(self.out_channels, p).t().reshape(*lead, self.out_channels)
-
-    def _run(self, x4: torch.Tensor) -> torch.Tensor:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        return ext.load().conv2d(
-            x4, self.values, self.indices, self.row_ptr, self.out_rows, self.slot_bias,
-            self.out_channels, kh, kw, sh, sw, ph, pw, dh, dw, self.runs, self.isa, self.poison_output,
-        )  # fmt: skip
 
 
 def dense_module(layer: LayerInfo, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
