@@ -151,3 +151,11 @@ def test_prune_rejects_bad_sparsity(fake_components, basic_registry, small_net):
 def test_unattached_pipeline_says_what_to_do(fake_components, basic_registry):
     with pytest.raises(PrunekitError, match="attach"):
         Pipeline.load("basic", basic_registry).step(0)
+
+
+def test_string_padding_is_resolved(fake_components, basic_registry):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, padding="same", dilation=2), torch.nn.Conv2d(4, 4, 3, padding="valid"))
+    infos = Pipeline.load("basic", basic_registry).attach(model)
+    assert infos[0].padding == (4, 4) and infos[1].padding == (0, 0)
+    with pytest.raises(SelectionError, match="asymmetrically"):
+        Pipeline.load("basic", basic_registry).attach(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, padding="same")))

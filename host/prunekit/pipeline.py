@@ -88,6 +88,21 @@ def _component_params_fields(cls: type) -> set[str]:
     return {f.name for f in attrs.fields(params_cls)} if params_cls is not None else set()
 
 
+def resolved_padding(name: str, module: nn.Conv2d) -> tuple[int, int]:
+    """Numeric padding, also for ``padding='same'|'valid'`` (kernels read LayerInfo.padding)."""
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
+    if module.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+    if any(t % 2 for t in total):
+        raise SelectionError(
+            f"layer {name}: padding='same' with an even kernel pads asymmetrically, which no kernel here supports; "
+            "exclude the layer or give numeric padding"
+        )
+    return (total[0] // 2, total[1] // 2)
+
+
 def layer_info(name: str, module: nn.Module, index: int = 0, count: int = 1) -> LayerInfo:
     w = module.weight
     if isinstance(module, nn.Conv2d):
@@ -97,7 +112,7 @@ def layer_info(name: str, module: nn.Module, index: int = 0, count: int = 1) -> 
             weight_shape=tuple(w.shape),
             has_bias=module.bias is not None,
             stride=tuple(module.stride),
-            padding=tuple(module.padding) if not isinstance(module.padding, str) else (0, 0),
+            padding=resolved_padding(name, module),
             dilation=tuple(module.dilation),
             groups=module.groups,
             index=index,
