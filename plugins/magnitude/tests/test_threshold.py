@@ -142,3 +142,15 @@ def test_block_scores_rejected() -> None:
     w = torch.randn(8, 4)
     with pytest.raises(SelectionError, match="one score per weight"):
         select(LayerInfo("x", "linear", (8, 4)), w, torch.rand(2, 4), 0.5)
+
+
+def test_std_rule_global_uses_pooled_rms() -> None:
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(20, 10, generator=g) * 0.1, torch.randn(30, 10, generator=g)
+    scores = {"a": score(a), "b": score(b)}
+    rms = float(torch.cat([a.reshape(-1), b.reshape(-1)]).square().mean().sqrt())
+    la, lb = LayerInfo("a", "linear", (20, 10)), LayerInfo("b", "linear", (30, 10), index=1)
+    sa = select(la, a, scores["a"], 0.5, all_scores=scores, scope="global", rule="std", quality=0.5)
+    sb = select(lb, b, scores["b"], 0.5, all_scores=scores, scope="global", rule="std", quality=0.5)
+    assert sa.meta["threshold"] == sb.meta["threshold"] == pytest.approx(0.5 * rms)
+    assert torch.equal(sa.mask, a.abs() >= sa.meta["threshold"])
