@@ -229,8 +229,13 @@ def tile(
     max_axis_mib: int = 256,
     max_swaps_per_slice: int = 8,
 ) -> TileResult:
-    """Block-prune ``scores`` at ``rate`` (fraction of blocks), reordering axes first when ``reorder``."""
-    a = scores.detach()
+    """Block-prune ``scores`` at ``rate`` (fraction of blocks), reordering axes first when ``reorder``.
+
+    Runs on CPU (the swap search is numpy); the mask and perms come back on the scores' device.
+    """
+    a = scores.detach().cpu()
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()
     if plan.padded != plan.shape:
         pad = []
         for n, p in zip(reversed(plan.shape), reversed(plan.padded)):
@@ -302,7 +307,7 @@ def tile(
     denom = total if total > 0 else 1.0
     return TileResult(
         mask=mask.contiguous().to(scores.device),
-        perms=tuple(out_perms),
+        perms=tuple(p if p is None else p.to(scores.device) for p in out_perms),
         blocks=nb,
         pruned_blocks=p,
         retained=1.0 - mass / denom if total > 0 else 1.0,
