@@ -137,3 +137,28 @@ def test_subp_pipeline_uniform_rows_compile_to_the_same_function(tmp_path: Path)
         assert st.layout.meta["uniform"] and st.layout.meta["n"] == 8
     x = torch.randn(2, 3, 16, 16)
     assert rel_err(model(x), reference(x)) <= 1e-5
+
+
+@torch.no_grad()
+def test_tetris_pipeline_with_permutations_compiles_to_the_same_function(tmp_path: Path) -> None:
+    """TETRIS reorders output and input channels; the packed layers still compute the original layer."""
+    pytest.importorskip("prunekit_tetris")
+    pytest.importorskip("prunekit_schedules")
+    reg = _registry(tmp_path, """
+        [pipelines.t]
+        schedule = "constant"
+        score = "tetris-l1"
+        select = "tetris"
+        layout = "pack-1xn"
+        kernel = "cpu-1xn"
+        [pipelines.t.params]
+        block = [8, 1, 0, 0]
+        include = ["c3", "c4"]
+        fallback = "never"
+        """)
+    pipe, reference, model = _run_pipeline(reg, "t", 0.75)
+    for st in pipe.layers.values():
+        assert st.compiled.kernel.startswith("cpu-1xn/") and st.layout.meta["n"] == 8
+    assert any(st.selection.perm(0) is not None for st in pipe.layers.values())
+    x = torch.randn(2, 3, 16, 16)
+    assert rel_err(model(x), reference(x)) <= 1e-5

@@ -12,12 +12,27 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <vector>
 
 #include "pk_args.h"
 
 namespace {
+
+// Phase planes live in a per-calling-thread buffer that only grows: allocating them per call made every
+// call pay fresh page faults under glibc malloc (multi-MB blocks are mmapped and returned on free).
+struct Workspace {
+  std::unique_ptr<float[]> data;
+  int64_t size = 0;
+  float* get(int64_t n) {
+    if (n > size) {
+      data.reset(new float[n]);
+      size = n;
+    }
+    return data.get();
+  }
+};
 
 int64_t cpu_isa() {
   static const int64_t isa = [] {
@@ -71,7 +86,6 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
   std::vector<int64_t> toff_full(kh * kw, 0);
   int64_t wq, chan_stride;
   const float* xp;
-  at::Tensor planes;
   if (as_is) {
     wq = Wd;
     chan_stride = H * Wd;
@@ -94,9 +108,9 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
       }
     const int64_t nph = (int64_t)phase_a.size();
     chan_stride = nph * plane;
-    planes = at::empty({B * C * chan_stride}, x.options());
+    static thread_local Workspace ws;
     const float* src_all = x.data_ptr<float>();
-    float* dst_all = planes.data_ptr<float>();
+    float* dst_all = ws.get(B * C * chan_stride);
     at::parallel_for(0, B * C, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bc = b0; bc < b1; ++bc) {
         const float* src = src_all + bc * H * Wd;
@@ -119,7 +133,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
         }
       }
     });
-    xp = planes.data_ptr<float>();
+    xp = dst_all;
   }
   const int64_t units = runs ? C : C * kh * kw;
   std::vector<int64_t> ucol(units);
