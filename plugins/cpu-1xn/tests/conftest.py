@@ -11,3 +11,11 @@ def _two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def needs_kernel():
+    """Skip where the machine cannot build the kernel at all; fail where the build itself breaks."""
+    from prunekit_cpu1xn.testing import require_kernel
+
+    return require_kernel()

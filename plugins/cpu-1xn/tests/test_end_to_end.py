@@ -17,6 +17,8 @@ from torch import nn
 
 from prunekit.pipeline import Pipeline, layer_info
 
+pytestmark = pytest.mark.usefixtures("needs_kernel")
+
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")

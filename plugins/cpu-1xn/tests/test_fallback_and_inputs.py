@@ -33,6 +33,7 @@ def _packed(sparsity: float, n: int = 16, **params):
     [(0.1, 16, "auto", True), (0.3, 4, "auto", True), (0.9, 16, "auto", False), (0.75, 4, "auto", False),
      (0.1, 16, "never", False), (0.9, 16, "always", True)],
 )  # fmt: skip
+@pytest.mark.usefixtures("needs_kernel")
 def test_fallback_decision_and_same_answer(sparsity: float, n: int, mode: str, dense: bool) -> None:
     compiled, wm, b = _packed(sparsity, n, fallback=mode)
     assert (compiled.kernel == "dense-fallback") == dense
@@ -45,6 +46,7 @@ def test_fallback_decision_and_same_answer(sparsity: float, n: int, mode: str, d
     assert rel_err(compiled.module(x), F.conv2d(x, wm, b, 1, 1)) <= 1e-5
 
 
+@pytest.mark.usefixtures("needs_kernel")
 def test_fallback_rule_is_monotone_in_sparsity() -> None:
     """Once the packed path is chosen at some sparsity it stays chosen at every higher one."""
     for n in (2, 4, 8, 16, 32):
@@ -60,6 +62,7 @@ def test_bad_params_are_rejected() -> None:
         Cpu1xN.Params(isa="neon")
 
 
+@pytest.mark.usefixtures("needs_kernel")
 def test_inputs_the_kernel_cannot_take_run_dense_with_a_warning() -> None:
     compiled, wm, b = _packed(0.75, fallback="never")
     m = compiled.module
@@ -96,6 +99,7 @@ def test_missing_compiler_gives_a_dense_layer_and_a_warning(monkeypatch: pytest.
     assert rel_err(compiled.module(x), F.conv2d(x, wm, b, 1, 1)) <= 1e-5
 
 
+@pytest.mark.usefixtures("needs_kernel")
 def test_compiler_check_reports_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ext, "_compiler", lambda: None)
     ext.load.cache_clear()
@@ -108,6 +112,7 @@ def test_compiler_check_reports_why(monkeypatch: pytest.MonkeyPatch) -> None:
     assert int(ext.load().isa()) in (2, 512)
 
 
+@pytest.mark.usefixtures("needs_kernel")
 def test_copies_and_state_dicts_keep_computing_the_same_layer() -> None:
     import copy
     import io

@@ -7,14 +7,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from prunekit_cpu1xn import ext
 from prunekit_cpu1xn.synthetic import random_selection
-from prunekit_cpu1xn.testing import compile_layer, reference, rel_err
+from prunekit_cpu1xn.testing import compile_layer, reference, rel_err, require_kernel
 
 from prunekit.records import LayerInfo
 
 NS = (2, 4, 8, 16, 32)
-ISAS = ("avx512", "avx2") if int(ext.load().isa()) == 512 else ("avx2",)
+ISAS = ("avx512", "avx2") if int(require_kernel().isa()) == 512 else ("avx2",)
 
 
 def _conv_case(i: int, rnd: random.Random) -> dict:

@@ -63,6 +63,7 @@ def test_nonuniform_linear_form_is_bsr_with_blocksize_n_by_1() -> None:
     assert torch.equal(t["out_rows"], perm)
 
 
+@pytest.mark.usefixtures("needs_kernel")
 def test_output_permutation_is_folded_not_applied_to_neighbours() -> None:
     """The packed layer writes the original channel order: its output equals the unpermuted layer's."""
     g = _gen(3)

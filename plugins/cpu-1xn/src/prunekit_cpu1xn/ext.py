@@ -25,7 +25,15 @@ OP_NAMESPACE = "prunekit_cpu1xn"
 
 
 class ExtensionUnavailable(RuntimeError):
-    """The kernel cannot be built or loaded here (no compiler, no ninja, not x86 ...)."""
+    """The kernel cannot be built or loaded here (no compiler, no ninja, not x86 ...).
+
+    ``missing_prerequisite`` is True when this machine lacks something the build needs (tests skip),
+    False when the build itself failed (a defect: tests fail).
+    """
+
+    def __init__(self, message: str, missing_prerequisite: bool = True) -> None:
+        super().__init__(message)
+        self.missing_prerequisite = missing_prerequisite
 
 
 def _csrc() -> Path:
@@ -86,7 +94,9 @@ def load() -> object:
                 verbose=bool(os.environ.get("PRUNEKIT_VERBOSE_BUILD")),
             )
     except Exception as exc:  # compiler errors, missing headers, ...: say why, let callers fall back
-        raise ExtensionUnavailable(f"building the C++ kernel failed: {type(exc).__name__}: {str(exc)[-400:]}") from exc
+        raise ExtensionUnavailable(
+            f"building the C++ kernel failed: {type(exc).__name__}: {str(exc)[-400:]}", missing_prerequisite=False
+        ) from exc
     ops = getattr(torch.ops, OP_NAMESPACE)
     if ops.isa() == 0:
         raise ExtensionUnavailable("the CPU has neither AVX-512 nor AVX2+FMA")

@@ -10,6 +10,24 @@ from prunekit_cpu1xn.kernel import Cpu1xN, build
 from prunekit_cpu1xn.layout import pack_1xn
 
 
+def require_kernel() -> object:
+    """The loaded ops, or skip the calling test when this machine cannot build them at all.
+
+    A machine without a compiler / ninja / x86-64 skips (the plugin then runs layers densely, which the
+    fallback tests cover); a build that fails on a machine that has them fails the test.
+    """
+    import pytest
+
+    from prunekit_cpu1xn import ext
+
+    try:
+        return ext.load()
+    except ext.ExtensionUnavailable as exc:
+        if exc.missing_prerequisite:
+            pytest.skip(f"cpu-1xn kernel cannot be built here: {exc}", allow_module_level=True)
+        raise
+
+
 def compile_layer(
     layer: LayerInfo, weight: torch.Tensor, sel: Selection, bias: torch.Tensor | None, **params
 ) -> CompiledLayer:
