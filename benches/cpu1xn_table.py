@@ -200,6 +200,23 @@ def markdown(rows: list[dict], e2e: list[dict], meta: dict, sweep: list[dict] | 
             out.append(f"| {n} | {s} | {f'>= {tgt}x' if tgt else '-'} | {geomean(st):.2f}x | {min(st):.2f}x | "
                        f"{max(st):.2f}x | {geomean([r['speedup'] for r in sel]):.2f}x |")  # fmt: skip
     out.append("")
+    out.append("## Geometric means over the 12 steady-state shapes: speed-up (fraction of ideal) [x vs torch CSR]")
+    out.append("")
+    combos = sorted({(r["N"], r["sparsity"]) for r in rows})
+    out.append("| threads | batch | " + " | ".join(f"N={n} s={s}" for n, s in combos) + " |")
+    out.append("|---|---|" + "---|" * len(combos))
+    for t, b in sorted({(r["threads"], r["batch"]) for r in rows}):
+        cells = []
+        for n, s in combos:
+            sel = [r for r in rows if r["layer"] in steady and (r["threads"], r["batch"], r["N"], r["sparsity"]) == (t, b, n, s)]
+            if not sel:
+                cells.append("-")
+                continue
+            vs = [r["speedup_vs_csr"] for r in sel if "speedup_vs_csr" in r]
+            cells.append(f"{geomean([r['speedup'] for r in sel]):.2f}x ({geomean([r['frac_ideal'] for r in sel]):.2f})"
+                         + (f" [{geomean(vs):.1f}x]" if vs else ""))  # fmt: skip
+        out.append(f"| {t} | {b} | " + " | ".join(cells) + " |")
+    out.append("")
     slower = [r for r in rows if r["auto_packed"] and r["speedup"] < 1.0]
     out.append(f"Layers slower than dense although `fallback = \"auto\"` keeps them packed: {len(slower)}"
                + (": " + ", ".join(f"{r['layer']} b{r['batch']} t{r['threads']} N{r['N']} s{r['sparsity']} "
