@@ -34,6 +34,12 @@ struct Workspace {
   }
 };
 
+struct StoreMap {
+  int64_t key[4] = {-1, -1, -1, -1};
+  std::vector<uint32_t> vmask;
+  std::vector<int64_t> vbase;
+};
+
 int64_t cpu_isa() {
   static const int64_t isa = [] {
     __builtin_cpu_init();
@@ -178,22 +184,32 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
   a.nbr = (int32_t)nbr;
   a.pt = isa == 512 ? pk_tile_avx512((int)N) : pk_tile_avx2((int)N);
   a.n_ptiles = (a.pv + a.pt - 1) / a.pt;
-  // per-vector store masks: virtual position q is output (q / wq, q % wq) when q % wq < Wout
+  // per-vector store masks: virtual position q is output (q / wq, q % wq) when q % wq < Wout. Built with
+  // running counters (no division per lane) and kept per calling thread for the last geometry seen.
   const int64_t W = isa == 512 ? 16 : 8;
   const int64_t nvec = a.n_ptiles * a.pt / W;
-  std::vector<uint32_t> vmask(nvec, 0);
-  std::vector<int64_t> vbase(nvec, 0);
-  for (int64_t v = 0; v < nvec; ++v) {
-    const int64_t q0 = v * W;
-    const int64_t oh = q0 / wq, ow = q0 % wq;
-    vbase[v] = oh * Wout + std::min(ow, Wout);
-    uint32_t m = 0;
-    for (int64_t l = 0; l < W; ++l) {
-      const int64_t q = q0 + l;
-      if (q < a.pv && q % wq < Wout) m |= 1u << l;
+  static thread_local StoreMap smap;
+  const int64_t key[4] = {a.pv, wq, Wout, W};
+  if (!std::equal(key, key + 4, smap.key) || (int64_t)smap.vmask.size() < nvec) {
+    std::copy(key, key + 4, smap.key);
+    smap.vmask.assign(nvec, 0);
+    smap.vbase.assign(nvec, 0);
+    int64_t oh = 0, ow = 0;  // coordinates of q
+    for (int64_t v = 0; v < nvec; ++v) {
+      smap.vbase[v] = oh * Wout + std::min(ow, Wout);
+      uint32_t m = 0;
+      for (int64_t l = 0; l < W; ++l) {
+        if (v * W + l < a.pv && ow < Wout) m |= 1u << l;
+        if (++ow == wq) {
+          ow = 0;
+          ++oh;
+        }
+      }
+      smap.vmask[v] = m;
     }
-    vmask[v] = m;
   }
+  const std::vector<uint32_t>& vmask = smap.vmask;
+  const std::vector<int64_t>& vbase = smap.vbase;
   a.vmask = vmask.data();
   a.vbase = vbase.data();
   const int64_t tiles = B * a.n_ptiles;
