@@ -6,6 +6,8 @@ PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := pyproject.toml constraints.txt $(wildcard plugins/*/pyproject.toml)
 ARGS ?=
+# the venv's bin first: torch.utils.cpp_extension runs `ninja` from PATH (pip's ninja lives there)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup run test bench lint clean
 
