@@ -3,7 +3,7 @@
 ``fallback`` decides per layer: ``"never"`` always builds the CSR module, ``"always"`` the dense one, and
 ``"auto"`` (default) times both on a probe input built from the LayerInfo (Linear: ``[probe_batch, in]``;
 Conv2d: ``[probe_batch, Cin, probe_hw, probe_hw]``, since LayerInfo carries no spatial size) and keeps the
-faster one; the CompiledLayer's ``reason`` quotes both timings (best of 25 after a warm-up). The choice is a
+faster one; the CompiledLayer's ``reason`` quotes both timings (best of 25 after a warm-up; CSR must be at least 10 % faster). The choice is a
 measurement, so it can differ between machines and runs; the function computed cannot. Both modules compute
 ``F.linear/F.conv2d(x, W * mask, bias)``; only the summation order differs.
 """
@@ -90,6 +90,10 @@ class DenseMasked(nn.Module):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+# CSR must beat dense by 10 %: near a tie the timing noise would pick either path run to run.
+CSR_MARGIN = 0.9
+
+
 def _times_ms(fn: Callable[[], torch.Tensor], sync: bool, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
@@ -173,6 +177,6 @@ class CsrKernel:
         ts, td = time_both(sparse, dense, x)
         shape = f"batch {p.probe_batch}" + (f", {p.probe_hw}x{p.probe_hw}" if layer.kind == "conv2d" else "")
         measured = f"csr {ts:.3f} ms vs dense {td:.3f} ms best of 25 ({shape}, {torch.get_num_threads()} threads)"
-        if ts < td:
+        if ts < CSR_MARGIN * td:
             return CompiledLayer(sparse, "csr", f"{facts}; {measured}")
         return CompiledLayer(dense, "dense-fallback", f"{facts}; {measured}")
