@@ -10,6 +10,9 @@ from prunekit_magnitude import CsrConv2d, CsrKernel, CsrLayout, CsrLinear, Dense
 from prunekit import LayoutError, Selection
 from prunekit.records import LayerInfo
 
+# torch calls its CSR tensors "beta" once per process; pytest resets the plugin's import-time filter
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -97,6 +100,17 @@ def test_auto_measures_and_explains() -> None:
     assert "ms vs dense" in compiled.reason and "break-even" in compiled.reason
     x = torch.randn(2, 96)
     assert rel_err(compiled.module(x), F.linear(x, w * mask)) <= 1e-5
+
+
+def test_auto_probe_fits_a_kernel_larger_than_probe_hw() -> None:
+    shape = (3, 2, 9, 9)
+    w = torch.randn(shape)
+    mask = torch.rand(shape) > 0.5
+    info = LayerInfo("big", "conv2d", shape, False, dilation=(2, 2))
+    lay = CsrLayout().prunekit_transform_layout(layer=info, weight=w * mask, selection=Selection(mask=mask))
+    compiled = CsrKernel().prunekit_build_kernel(layer=info, layout=lay, bias=None, params=CsrKernel.Params(probe_hw=4))
+    x = torch.randn(1, 2, 20, 20)
+    assert rel_err(compiled.module(x), F.conv2d(x, w * mask, None, 1, 0, 2)) <= 1e-5
 
 
 def test_bad_params_and_layout() -> None:

@@ -3,8 +3,8 @@
 ``fallback`` decides per layer: ``"never"`` always builds the CSR module, ``"always"`` the dense one, and
 ``"auto"`` (default) times both on a probe input built from the LayerInfo (Linear: ``[probe_batch, in]``;
 Conv2d: ``[probe_batch, Cin, probe_hw, probe_hw]``, since LayerInfo carries no spatial size) and keeps the
-faster one; the CompiledLayer's ``reason`` quotes both timings (best of 25 after a warm-up; CSR must be at least 10 % faster). The choice is a
-measurement, so it can differ between machines and runs; the function computed cannot. Both modules compute
+faster one; the CompiledLayer's ``reason`` quotes both timings (best of 25 after a warm-up; CSR must be at
+least 10 % faster). The choice is a measurement, so it can differ between machines and runs; the function computed cannot. Both modules compute
 ``F.linear/F.conv2d(x, W * mask, bias)``; only the summation order differs.
 """
 
@@ -139,7 +139,11 @@ def probe_input(layer: LayerInfo, batch: int, hw: int, device: torch.device) -> 
     if layer.kind == "linear":
         return torch.randn(batch, layer.weight_shape[1], generator=g).to(device)
     cin = layer.weight_shape[1] * layer.groups
-    return torch.randn(batch, cin, hw, hw, generator=g).to(device)
+    # big enough for one output pixel whatever the kernel, dilation and padding
+    kh, kw = layer.weight_shape[2:]
+    h = max(hw, layer.dilation[0] * (kh - 1) + 1 - 2 * layer.padding[0])
+    w = max(hw, layer.dilation[1] * (kw - 1) + 1 - 2 * layer.padding[1])
+    return torch.randn(batch, cin, h, w, generator=g).to(device)
 
 
 class CsrKernel:
