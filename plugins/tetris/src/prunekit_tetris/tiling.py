@@ -6,10 +6,9 @@ Everything is stated on ``A`` = the layer's non-negative scores (``|w|`` for ``t
 plan, with axes whose block spans the whole dim summed out first (kh, kw of ``[8, 8, 0, 0]``). Sums inside
 one block use the scores' dtype (PyTorch's cascade summation: ~1e-7 relative error per block); every sum
 across blocks (the cost matrices S, pruned and total mass) is fp64. Work is chunked so that no temporary
-exceeds ~``CHUNK`` elements (small slabs are reused by the allocator; large fresh ones page-fault); the
-per-axis gain matrix is
-``n x n/b`` (``n x n`` for the exact solver) and an axis whose matrix would exceed ``max_axis_mib`` is
-left unpermuted (greedy) or solved greedily (exact), and reported in ``skipped``.
+exceeds ~``CHUNK`` elements (small slabs are reused by the allocator; large fresh ones page-fault). The
+per-axis gain matrix is ``n x n/b`` (``n x n`` for the exact solver); an axis whose matrix would exceed
+``max_axis_mib`` is left unpermuted (greedy) or solved greedily (exact), and reported in ``skipped``.
 """
 
 from __future__ import annotations
@@ -65,7 +64,8 @@ def pruned_count(num_blocks: int, rate: float) -> int:
     return min(num_blocks, int(math.floor(num_blocks * rate + 1e-9)))
 
 
-def _chunk_rows(total: int, per_row: int, unit: int) -> int:
+def _chunk_rows(per_row: int, unit: int) -> int:
+    """Rows per slab: about CHUNK elements, a multiple of ``unit``."""
     rows = max(1, CHUNK // max(per_row, 1))
     return max(unit, rows // unit * unit)
 
@@ -80,7 +80,7 @@ def _reduce(a: torch.Tensor, perms: list[torch.Tensor | None], block: tuple[int,
         return a  # nothing to reduce (1xN-shaped blocks): no fp64 copy of a large layer
     n = a.shape[axis]
     unit = block[axis] if keep is None else 1
-    step = _chunk_rows(n, a.numel() // max(n, 1), unit)
+    step = _chunk_rows(a.numel() // max(n, 1), unit)
     outs = []
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -102,7 +102,7 @@ def _axis_cost(x: torch.Tensor, pruned: torch.Tensor, k: int, perm: torch.Tensor
     """S[s, J] = pruned mass of the slice in slot s (along k) if it sat in block J: x_k[perm] @ P_k^T, fp64."""
     xk = x.movedim(k, 0).reshape(x.shape[k], -1)
     pk = pruned.movedim(k, 0).reshape(pruned.shape[k], -1).to(F64)
-    step = _chunk_rows(xk.shape[0], xk.shape[1], 1)
+    step = _chunk_rows(xk.shape[1], 1)
     return torch.cat([xk.index_select(0, perm[i : i + step]).to(F64) @ pk.T for i in range(0, xk.shape[0], step)])
 
 
