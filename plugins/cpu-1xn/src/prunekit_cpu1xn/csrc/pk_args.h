@@ -22,6 +22,7 @@ struct PkArgs {
   int64_t pv;       // virtual positions per image: (Hout-1)*wq + Wout
   int64_t n_ptiles; // P tiles per image
   int64_t chunk_tiles; // (image, P tile) pairs walked together, sized for L2
+  int64_t nimg;        // images (gemv path)
   int32_t n;        // block height N
   int32_t t;        // taps per unit
   int32_t nbr;      // block-rows
@@ -31,6 +32,9 @@ struct PkArgs {
 // Runs block-rows [br0, br1) over the (image, P tile) pairs [t0, t1), tile index = image * n_ptiles + tile.
 void pk_run_avx2(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t t1);
 void pk_run_avx512(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t t1);
+// Block-rows [br0, br1) for every image and position, SIMD over the N rows (few positions; taps = 1).
+void pk_gemv_avx2(const PkArgs& a, int64_t br0, int64_t br1);
+void pk_gemv_avx512(const PkArgs& a, int64_t br0, int64_t br1);
 // Tile width (floats) the kernel wants for block height n on this ISA.
 int pk_tile_avx2(int n);
 int pk_tile_avx512(int n);

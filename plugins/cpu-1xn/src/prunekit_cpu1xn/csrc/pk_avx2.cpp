@@ -12,3 +12,4 @@
 
 void pk_run_avx2(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t t1) { run_any(a, br0, br1, t0, t1); }
 int pk_tile_avx2(int n) { return tile_width(n); }
+void pk_gemv_avx2(const PkArgs& a, int64_t br0, int64_t br1) { gemv_any(a, br0, br1); }

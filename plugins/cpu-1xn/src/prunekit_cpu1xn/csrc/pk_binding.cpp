@@ -216,7 +216,15 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
   // L2 budget for one chunk of activations: channels x phases x (chunk + halo) floats
   const int64_t per_pos = std::max<int64_t>(1, C * (as_is ? 1 : chan_stride / std::max<int64_t>(1, (Hout + ((kh - 1) * dh) / sh) * wq)));
   a.chunk_tiles = std::max<int64_t>(1, (256 * 1024 / 4) / (per_pos * a.pt));
+  a.nimg = B;
   const int64_t nthreads = at::get_num_threads();
+  if (T == 1 && wq == Wout && a.pv * 2 <= W) {  // a handful of positions: SIMD over the block's N rows
+    at::parallel_for(0, nbr, 1, [&](int64_t b0, int64_t b1) {
+      if (isa == 512) pk_gemv_avx512(a, b0, b1);
+      else pk_gemv_avx2(a, b0, b1);
+    });
+    return y;
+  }
   auto run = [&](int64_t br0, int64_t br1, int64_t t0, int64_t t1) {
     if (isa == 512) pk_run_avx512(a, br0, br1, t0, t1);
     else pk_run_avx2(a, br0, br1, t0, t1);

@@ -142,6 +142,56 @@ inline void run_n(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t
   }
 }
 
+// Few positions (Linear at batch 1-8, 1x1 convs on tiny maps): SIMD over the N rows of a block instead,
+// one broadcast activation against the N contiguous values of each kept block; two partial sums per row
+// (even/odd blocks) to halve the FMA dependency chain.
+template <int N>
+inline void gemv_n(const PkArgs& a, int64_t br0, int64_t br1) {
+  for (int64_t br = br0; br < br1; ++br) {
+    const int64_t j0 = a.rowptr[br], j1 = a.rowptr[br + 1];
+    for (int64_t img = 0; img < a.nimg; ++img) {
+      const float* xb = a.x + img * a.x_img_stride;
+      float* yb = a.y + img * a.y_img_stride;
+      for (int64_t p = 0; p < a.pv; ++p) {
+        float acc0[N], acc1[N];
+        for (int r = 0; r < N; ++r) {
+          acc0[r] = a.bias ? a.bias[br * N + r] : 0.0f;
+          acc1[r] = 0.0f;
+        }
+        int64_t j = j0;
+        for (; j + 1 < j1; j += 2) {
+          const float x0 = xb[a.ucol[a.idx[j]] + p], x1 = xb[a.ucol[a.idx[j + 1]] + p];
+          const float* w0 = a.vals + j * N;
+          for (int r = 0; r < N; ++r) {
+            acc0[r] += w0[r] * x0;
+            acc1[r] += w0[N + r] * x1;
+          }
+        }
+        if (j < j1) {
+          const float x0 = xb[a.ucol[a.idx[j]] + p];
+          const float* w0 = a.vals + j * N;
+          for (int r = 0; r < N; ++r) acc0[r] += w0[r] * x0;
+        }
+        for (int r = 0; r < N; ++r) {
+          const int64_t o = a.out_row[br * N + r];
+          if (o >= 0) yb[o * a.y_plane + p] = acc0[r] + acc1[r];
+        }
+      }
+    }
+  }
+}
+
+inline void gemv_any(const PkArgs& a, int64_t br0, int64_t br1) {
+  switch (a.n) {
+    case 2: gemv_n<2>(a, br0, br1); break;
+    case 4: gemv_n<4>(a, br0, br1); break;
+    case 8: gemv_n<8>(a, br0, br1); break;
+    case 16: gemv_n<16>(a, br0, br1); break;
+    case 32: gemv_n<32>(a, br0, br1); break;
+    default: break;
+  }
+}
+
 inline int tile_width(int n) {
   switch (n) {
     case 2: return Shape<2>::V * W;
