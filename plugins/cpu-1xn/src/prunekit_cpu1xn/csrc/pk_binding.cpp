@@ -218,7 +218,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& vals, const at::Tensor&
   a.chunk_tiles = std::max<int64_t>(1, (256 * 1024 / 4) / (per_pos * a.pt));
   a.nimg = B;
   const int64_t nthreads = at::get_num_threads();
-  if (T == 1 && wq == Wout && a.pv * 2 <= W) {  // a handful of positions: SIMD over the block's N rows
+  if (T == 1 && wq == Wout && a.pv == 1) {  // one position per image (GEMV): SIMD over the block's N rows
     at::parallel_for(0, nbr, 1, [&](int64_t b0, int64_t b1) {
       if (isa == 512) pk_gemv_avx512(a, b0, b1);
       else pk_gemv_avx2(a, b0, b1);

@@ -142,7 +142,7 @@ inline void run_n(const PkArgs& a, int64_t br0, int64_t br1, int64_t t0, int64_t
   }
 }
 
-// Few positions (Linear at batch 1-8, 1x1 convs on tiny maps): SIMD over the N rows of a block instead,
+// One position per image (Linear at batch 1, 1x1 convs on 1x1 maps): SIMD over the N rows of a block instead,
 // one broadcast activation against the N contiguous values of each kept block; two partial sums per row
 // (even/odd blocks) to halve the FMA dependency chain.
 template <int N>
