@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import prunekit.pipeline
 import pytest
+
+import prunekit.pipeline
 from prunekit import hookimpl
 from prunekit.pipeline import Pipeline
 from prunekit.records import ScheduleDecision

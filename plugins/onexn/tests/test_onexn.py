@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from prunekit.errors import PrunekitError, SelectionError
-from prunekit.masking import raw_weight
-from prunekit.records import LayerInfo
 from prunekit_onexn.geometry import SUPPORTED_N, filter_order
 from prunekit_onexn.params import OneXNParams
 from prunekit_onexn.scores import BlockL1, BlockL2, BlockRandom
 from prunekit_onexn.select import OneXNSelect
 from torch import nn
+
+from prunekit.errors import PrunekitError, SelectionError
+from prunekit.masking import raw_weight
+from prunekit.records import LayerInfo
 
 
 def conv_info(cout: int = 64, cin: int = 32, k: int = 3, name: str = "conv", groups: int = 1) -> LayerInfo:

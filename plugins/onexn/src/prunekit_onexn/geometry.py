@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+
 from prunekit.errors import SelectionError
 from prunekit.records import LayerInfo
 

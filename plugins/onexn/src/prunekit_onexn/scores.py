@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
+
 from prunekit import hookimpl
 from prunekit.records import LayerInfo
-
 from prunekit_onexn.geometry import BlockGrid, filter_order
 from prunekit_onexn.params import OneXNParams
 

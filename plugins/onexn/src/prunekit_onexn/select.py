@@ -11,10 +11,10 @@ network function never changes; only a kernel reads the permutation.
 from __future__ import annotations
 
 import torch
+
 from prunekit import hookimpl
 from prunekit.errors import SelectionError
 from prunekit.records import LayerInfo, Selection
-
 from prunekit_onexn.geometry import BlockGrid, filter_order
 from prunekit_onexn.params import OneXNParams
 
