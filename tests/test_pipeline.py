@@ -159,3 +159,18 @@ def test_string_padding_is_resolved(fake_components, basic_registry):
     assert infos[0].padding == (4, 4) and infos[1].padding == (0, 0)
     with pytest.raises(SelectionError, match="asymmetrically"):
         Pipeline.load("basic", basic_registry).attach(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, padding="same")))
+
+
+def test_compile_with_example_records_input_shapes(fake_components, basic_registry, small_net):
+    pipe = Pipeline.load("basic", basic_registry)
+    pipe.attach(small_net)
+    pipe.step(0)
+    pipe.compile(example=torch.randn(2, 3, 8, 8))
+    assert pipe.layers["conv1"].info.input_shape == (2, 3, 8, 8)
+    assert pipe.layers["conv2"].info.input_shape == (2, 8, 8, 8)
+    assert pipe.layers["fc"].info.input_shape == (2, 256)
+
+
+def test_non_zero_padding_modes_stay_dense(fake_components, basic_registry):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), torch.nn.Conv2d(4, 4, 3))
+    assert [i.name for i in Pipeline.load("basic", basic_registry).attach(model)] == ["1"]

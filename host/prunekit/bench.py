@@ -66,7 +66,7 @@ def run_bench(
     names = list(pipeline.layers)
     inputs = _capture_inputs(reference, names, x)
     t0 = time.perf_counter()
-    states = pipeline.compile()
+    states = pipeline.compile(example=x)
     compile_s = time.perf_counter() - t0
     model.eval()
     with torch.inference_mode():

@@ -259,6 +259,8 @@ class Pipeline:
                 continue
             if isinstance(mod, nn.Conv2d) and mod.groups != 1 and h.skip_grouped:
                 continue
+            if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+                continue  # reflect/replicate/circular padding: no kernel computes it, the layer stays dense
             chosen.append((name, mod))
         if not chosen:
             names = ", ".join(n for n, _ in candidates[:8]) + (" ..." if len(candidates) > 8 else "")
@@ -365,12 +367,43 @@ class Pipeline:
             bake(st.module)
 
     @torch.no_grad()
-    def compile(self) -> list[LayerState]:
-        """Replace each selected layer by its kernel module (finalizes first). No kernel stage: no change."""
+    def record_input_shapes(self, example: torch.Tensor) -> None:
+        """Run ``example`` through the model once and note each selected layer's input shape in LayerInfo
+        (kernels use it to choose tiles or decide a dense fallback on the real size)."""
+        self._require_attached()
+        seen: dict[str, tuple[int, ...]] = {}
+
+        def note(name: str):  # noqa: ANN202
+            def hook(_module: nn.Module, args: tuple) -> None:  # returns None: the input is left unchanged
+                seen.setdefault(name, tuple(args[0].shape))
+
+            return hook
+
+        hooks = [st.module.register_forward_pre_hook(note(name)) for name, st in self.layers.items()]
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            self.model(example)
+        finally:
+            self.model.train(was_training)
+            for hk in hooks:
+                hk.remove()
+        for name, shape in seen.items():
+            st = self.layers[name]
+            st.info = attrs.evolve(st.info, input_shape=shape)
+
+    @torch.no_grad()
+    def compile(self, example: torch.Tensor | None = None) -> list[LayerState]:
+        """Replace each selected layer by its kernel module (finalizes first). No kernel stage: no change.
+
+        ``example`` (one input batch) lets kernels see each layer's real input size.
+        """
         self._require_attached()
         self.finalize()
         if not self.has_kernel:
             return list(self.layers.values())
+        if example is not None:
+            self.record_input_shapes(example)
         lp, kp = self.component_params["layout"], self.component_params["kernel"]
         for name, st in self.layers.items():
             if st.selection is None:

@@ -33,6 +33,7 @@ class LayerInfo:
     groups: int = 1
     index: int = 0  # position among the selected layers, in module order
     count: int = 1  # number of selected layers
+    input_shape: tuple[int, ...] | None = None  # one input's shape, known when compile() got an example
 
     @property
     def out_features(self) -> int:

@@ -117,10 +117,10 @@ def run_job(
     }
     if pipe.has_kernel:
         reference = copy.deepcopy(model).eval()
-        states = pipe.compile()
+        x = torch.randn(latency_batch, *bundle.input_shape)
+        states = pipe.compile(example=x)
         model.eval()
         compiled_acc = evaluate(model, bundle.test)
-        x = torch.randn(latency_batch, *bundle.input_shape)
         with torch.inference_mode():
             report["max_rel_err"] = max_rel_err(model(x), reference(x))
         t = interleaved_medians({"dense": lambda: reference(x), "sparse": lambda: model(x)}, warmup=5, repeats=50)
@@ -130,6 +130,9 @@ def run_job(
             dense_latency_ms=t["dense"]["median_ms"],
             sparse_latency_ms=t["sparse"]["median_ms"],
             speedup=t["dense"]["median_ms"] / t["sparse"]["median_ms"],
+            dense_latency_iqr_ms=[t["dense"]["q1_ms"], t["dense"]["q3_ms"]],
+            sparse_latency_iqr_ms=[t["sparse"]["q1_ms"], t["sparse"]["q3_ms"]],
+            load_average=os.getloadavg()[0],
         )
     else:
         states = list(pipe.layers.values())
