@@ -12,8 +12,9 @@ the 2 cores made 2-thread OpenMP timings stall by 10-100x otherwise).
 
 Protocol (kernels.md 3.2): same thread count for every candidate; dense = F.conv2d on the same masked
 (zero-filled) weight; CSR = F.unfold + torch.mm(CSR weight, columns); cpu-1xn = the compiled module
-(activation packing included, weight packing excluded). Candidates run interleaved (ABAB) in several
-rounds; each cell is the best per-round median. Raw rows go to benches/results/cpu1xn.json.
+(activation packing included, weight packing excluded). Dense and cpu-1xn run interleaved (ABBA...) in
+several rounds, CSR in its own rounds; each cell is the best per-round median. Raw rows go to
+benches/results/cpu1xn.json.
 """
 
 from __future__ import annotations
@@ -105,12 +106,14 @@ def layer_rows(threads: list[int], batches: list[int], ns: list[int], sparsities
                             "dense": lambda x=x, w=w, layer=layer: F.conv2d(x, w, None, layer.stride, layer.padding),
                             "cpu1xn": lambda x=x, mod=mod: mod(x),
                         }
-                        if csr:
-                            csr_fn = csr_layer(w, layer)
-                            fns["csr"] = lambda x=x, f=csr_fn: f(x)
                         with torch.inference_mode():
                             err = rel_err(mod(x), F.conv2d(x, w, None, layer.stride, layer.padding))
+                        # pairs only: with three candidates alternating, the middle one never follows itself
+                        # (cold caches every time) while the outer two do half the time
                         res = best_medians(fns, rounds, repeats)
+                        if csr:
+                            csr_fn = csr_layer(w, layer)
+                            res.update(best_medians({"csr": lambda x=x, f=csr_fn: f(x)}, rounds, repeats))
                         hout = (hw + 2 * (k // 2) - k) // stride + 1
                         m, kk, p = cout, cin * k * k, b * hout * hout
                         td, tsp = res["dense"]["median_ms"], res["cpu1xn"]["median_ms"]
