@@ -191,6 +191,7 @@ def write_table(
     argv: list[str],
 ) -> None:
     names = list(VARIANTS)
+    ramp_end = max(args.epochs // 2, 1)
     lines = [
         "# 1xN vs SUBP on digits (resnet-digits)",
         "",
@@ -250,6 +251,9 @@ def write_table(
         "with the mask frozen. SUBP ramps sparsity with the cubic schedule from epoch 0 to epoch",
         f"{max(args.epochs // 2, 1)} (mask rebuilt each epoch, soft masks with 2e-4 decay, sampled regrowth), then",
         "fine-tunes at the final sparsity; every block-row keeps the same number of blocks (`int(p*Cin)` pruned).",
+        "So SUBP has half as many epochs at the final sparsity as the one-shot variants, and the cubic ramp jumps",
+        f"from {((ramp_end - 1) / ramp_end) ** 3:.0%} to 100% of the target at its last update; the paper trains SUBP",
+        "from scratch for far longer.",
         "",
         "Regenerate:",
         "",
@@ -257,9 +261,10 @@ def write_table(
         ".venv/bin/python benches/digits_onexn_subp.py " + " ".join(argv),
         "```",
         "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {args.threads} threads, "
+        f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, threads={args.threads}, "
         f"Python {platform.python_version()}; wall time {times[0] / 60:.1f} min, CPU time {times[1] / 60:.1f} min "
-        f"(dense training {'from the cache' if cached else 'included'}).",
+        f"(dense training {'from the cache' if cached else 'included'}; wall time depends on other load on the",
+        "machine, CPU time does not).",
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
