@@ -73,6 +73,10 @@ def load() -> object:
         raise ExtensionUnavailable("no C++ compiler found (install g++ or set CXX)")
     from torch.utils import cpp_extension
 
+    # pip's ninja lives beside the interpreter; torch runs `ninja` from PATH, which an unactivated venv lacks
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     if not cpp_extension.is_ninja_available():
         raise ExtensionUnavailable("ninja is not installed (pip install ninja or apt-get install ninja-build)")
     bdir = build_dir()
