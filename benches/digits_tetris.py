@@ -7,13 +7,14 @@ benches/results/tetris_digits.md. Pipelines come from the registry sections [pip
 and [pipelines.tetris-32x32-triton] with `block` overridden and layout/kernel dropped (masked dense: the
 accuracy does not depend on the kernel).
 
-    .venv/bin/python benches/digits_tetris.py                  # ~3-6 min on 2 cores
+    .venv/bin/python benches/digits_tetris.py                  # ~2-3 min on 2 cores once the dense model is cached
     .venv/bin/python benches/digits_tetris.py --seeds 0 1 2 --epochs 4
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.75, 0.9])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after the one-shot prune")
+    ap.add_argument("--check-epochs", type=int, default=8, help="second, longer budget (seed 0 only); 0 = skip")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--solver", default="greedy")
     ap.add_argument("--threads", type=int, default=2)
@@ -95,14 +97,22 @@ def main() -> None:
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
     print(f"dense {MODEL}: {dense_acc:.2f}% ({origin})", flush=True)
 
+    rows = table(reg, dense_state, bundle, args, args.seeds, args.epochs)
+    check = table(reg, dense_state, bundle, args, [0], args.check_epochs) if args.check_epochs else []
+    minutes = (time.perf_counter() - t_start) / 60
+    write(Path(args.out), rows, check, dense_acc, args, minutes)
+    print(f"wrote {args.out} ({minutes:.1f} min)")
+
+
+def table(reg: Registry, dense_state: dict, bundle: Any, args: argparse.Namespace, seeds: list[int], epochs: int) -> list[dict]:
     rows = []
     for block in args.blocks:
         for sparsity in args.sparsities:
             for method in METHODS:
                 runs = []
-                for seed in args.seeds:
+                for seed in seeds:
                     pipe = make_pipeline(reg, method, block, sparsity, seed, args.solver)
-                    runs.append(run(pipe, dense_state, bundle, args.epochs, args.lr, seed))
+                    runs.append(run(pipe, dense_state, bundle, epochs, args.lr, seed))
                 row = {"block": block, "target": sparsity, "method": method, "n": len(runs)}
                 for key in ("sparsity", "retained", "oneshot", "finetuned", "select_s"):
                     vals = [r[key] for r in runs]
@@ -110,17 +120,32 @@ def main() -> None:
                     row[key + "_min"], row[key + "_max"] = min(vals), max(vals)
                 rows.append(row)
                 print(
-                    f"{block}x{block} s={sparsity} {method:20s} sparsity {row['sparsity']:.3f} retained {row['retained']:.3f} "
+                    f"[{epochs} ep] {block}x{block} s={sparsity} {method:20s} sparsity {row['sparsity']:.3f} retained {row['retained']:.3f} "
                     f"one-shot {row['oneshot']:.2f}% fine-tuned {row['finetuned']:.2f}% "
                     f"[{row['finetuned_min']:.2f}, {row['finetuned_max']:.2f}] select {row['select_s']:.2f}s",
                     flush=True,
                 )
-    minutes = (time.perf_counter() - t_start) / 60
-    write(Path(args.out), rows, dense_acc, args, minutes)
-    print(f"wrote {args.out} ({minutes:.1f} min)")
+    return rows
 
 
-def write(path: Path, rows: list[dict], dense_acc: float, args: argparse.Namespace, minutes: float) -> None:
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def gaps(rows: list[dict]) -> dict[tuple[int, float], float]:
+    """Fine-tuned accuracy of TETRIS minus plain blocks, per (block, target)."""
+    by = {(r["block"], r["target"], r["method"]): r["finetuned"] for r in rows}
+    blocks, tetris = list(METHODS)
+    return {(b, t): by[(b, t, tetris)] - by[(b, t, blocks)] for (b, t, m) in by if m == blocks}
+
+
+def write(path: Path, rows: list[dict], check: list[dict], dense_acc: float, args: argparse.Namespace, minutes: float) -> None:
     lines = [
         "# TETRIS vs plain block pruning on digits (resnet-digits)",
         "",
@@ -129,7 +154,7 @@ def write(path: Path, rows: list[dict], dense_acc: float, args: argparse.Namespa
         + (f" --epochs {args.epochs}" if args.epochs != 3 else "")
         + "`",
         "",
-        f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}; total {minutes:.1f} min. "
+        f"Machine: {cpu_name()} ({os.cpu_count()} cores), {args.threads} threads, torch {torch.__version__}; total {minutes:.1f} min. "
         f"Dense accuracy {dense_acc:.2f}% (15 epochs Adam, cached). Data: scikit-learn digits at 16x16, fixed 80/20 split "
         "(360 test images: one image = 0.28 points).",
         "",
@@ -147,6 +172,26 @@ def write(path: Path, rows: list[dict], dense_acc: float, args: argparse.Namespa
             f"{r['oneshot']:.2f} [{r['oneshot_min']:.2f}, {r['oneshot_max']:.2f}] | "
             f"{r['finetuned']:.2f} [{r['finetuned_min']:.2f}, {r['finetuned_max']:.2f}] | {r['select_s']:.2f} |"
         )
+    g3, g8 = gaps(rows), gaps(check)
+    lines += ["", f"TETRIS minus plain blocks, fine-tuned accuracy (points): after {args.epochs} epochs (mean of seeds)"
+              + (f" / after {args.check_epochs} epochs (seed 0, same schedule stretched)" if check else "") + ":", ""]
+    for key, gap in g3.items():
+        extra = f" / {g8[key]:+.2f}" if key in g8 else ""
+        lines.append(f"- {key[0]}x{key[0]} at {key[1]:.2f}: {gap:+.2f}{extra}")
+    if check:
+        lines += ["", f"Longer budget ({args.check_epochs} epochs, seed 0):", "",
+                  "| block | target | method | fine-tuned acc % |", "|---|---|---|---|"]
+        lines += [f"| {r['block']}x{r['block']} | {r['target']:.2f} | {r['method']} | {r['finetuned']:.2f} |" for r in check]
+    lines += [
+        "",
+        "Reading (caveats that hold for any rerun): one dense model, a 360-image test set (0.28 points per image) and "
+        "two fine-tuning orders, so gaps of 1-2 points are within noise. The one-shot column sits at chance for every "
+        "variant: pruning 75-90% of a BatchNorm network's weights without recalibrating the running statistics "
+        "breaks it until fine-tuning; it says nothing about the criteria. Reordering raises the kept |w| only "
+        "modestly on these trained weights (their rows and columns differ little in scale); where the short "
+        "budget shows a large gap, the longer budget tells whether it is recovery speed or final accuracy. "
+        "The 16x16 targets of 0.9 give 0.875 (floor of blocks per layer).",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
