@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from prunekit import hookspecs
+from prunekit.atomic import atomic_torch_save
 from prunekit.errors import CheckpointError, MissingComponentError, PrunekitError, RegistryError, SelectionError
 from prunekit.masking import attach_mask, bake, mask_of, raw_weight
 from prunekit.plugins import installed_components
@@ -484,17 +484,3 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-

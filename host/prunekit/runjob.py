@@ -11,12 +11,13 @@ from typing import Any
 import attrs
 import torch
 
+from prunekit.atomic import atomic_torch_save, write_text_atomic
 from prunekit.bench import max_rel_err
 from prunekit.data import load_data
 from prunekit.errors import CheckpointError
 from prunekit.models import build_model, model_spec
-from prunekit.pipeline import Pipeline, atomic_torch_save
-from prunekit.report import history_svg, layer_rows, write_json_atomic, write_text_atomic
+from prunekit.pipeline import Pipeline
+from prunekit.report import history_svg, layer_rows, write_json_atomic
 from prunekit.timing import interleaved_medians
 from prunekit.training import evaluate, fit, prune_and_finetune
 
