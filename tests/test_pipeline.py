@@ -137,7 +137,7 @@ def test_corrupt_and_foreign_state(fake_components, basic_registry, small_net, t
     with pytest.raises(CheckpointError, match="no such pruning state"):
         pipe.load_state(tmp_path / "missing.pt")
     torch.save({"format": "other"}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a prunekit-state/1 file"):
+    with pytest.raises(CheckpointError, match="not a prunekit-state/2 file"):
         pipe.load_state(tmp_path / "other.pt")
 
 

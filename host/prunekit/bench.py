@@ -12,30 +12,15 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
 
+from prunekit.calibration import synthetic
+from prunekit.errors import PrunekitError
 from prunekit.models import build_model, model_spec
 from prunekit.pipeline import Pipeline, check_sparsity
 from prunekit.timing import interleaved_medians
+from prunekit.verify import capture_io, check_tolerance, layer_errors, max_rel_err
 
-
-def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref|: error relative to the output's scale."""
-    scale = float(ref.abs().max())
-    return float((out - ref).abs().max()) / (scale if scale > 0 else 1.0)
-
-
-def _capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    got: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        mod = model.get_submodule(name)
-        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: got.__setitem__(n, a[0].detach().clone())))
-    with torch.inference_mode():
-        model(x)
-    for h in handles:
-        h.remove()
-    return got
+__all__ = ["max_rel_err", "run_bench"]
 
 
 def run_bench(
@@ -43,13 +28,23 @@ def run_bench(
     model_name: str,
     batch: int = 1,
     threads: int = 1,
-    sparsity: float = 0.75,
+    sparsity: float | None = None,
     repeats: int = 20,
     warmup: int = 3,
     seed: int = 0,
     layers: bool = True,
 ) -> dict[str, Any]:
+    """``sparsity`` defaults to the pipeline's own. Raises KernelMismatchError (after measuring nothing)
+    when the compiled model is off by more than the pipeline's tolerance."""
+    if sparsity is None:
+        sparsity = pipeline.host.sparsity
     check_sparsity(sparsity, "--sparsity")
+    if "grads" in pipeline.needs:
+        raise PrunekitError(
+            f"pipeline {pipeline.name}: {', '.join(pipeline.needers('grads'))} needs loss gradients, which need labels; "
+            "prunekit bench uses synthetic inputs without labels: measure it with prunekit run (real data), "
+            "or bench a pipeline whose criterion needs at most activations"
+        )
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     spec = model_spec(model_name)
@@ -57,6 +52,8 @@ def run_bench(
     model = build_model(model_name, num_classes).eval()
     pipeline.host.sparsity = sparsity
     pipeline.attach(model)
+    if pipeline.needs:
+        pipeline.set_calibration(synthetic(spec.input_shape, 2, max(batch, 4), seed))
     t0 = time.perf_counter()
     pipeline.prune(sparsity)
     select_s = time.perf_counter() - t0
@@ -64,35 +61,39 @@ def run_bench(
     reference = copy.deepcopy(model).eval()
     x = torch.randn(batch, *spec.input_shape)
     names = list(pipeline.layers)
-    inputs = _capture_inputs(reference, names, x)
+    ref_out, captured = capture_io(reference, names, x)
     t0 = time.perf_counter()
     states = pipeline.compile(example=x)
     compile_s = time.perf_counter() - t0
     model.eval()
     with torch.inference_mode():
-        ref_out, out = reference(x), model(x)
+        out = model(x)
     err = max_rel_err(out, ref_out)
+    errs = layer_errors(model, captured)
+    check_tolerance(f"prunekit bench {pipeline.name} on {model_name}", err, errs, pipeline.kernels(), pipeline.tolerance)
 
     rows = []
     for st in states:
         compiled = model.get_submodule(st.info.name)
         dense = reference.get_submodule(st.info.name)
-        inp = inputs[st.info.name]
+        inp = captured[st.info.name].inp
+        sel = st.selection
         row: dict[str, Any] = {
             "name": st.info.name,
             "shape": list(st.info.weight_shape),
-            "sparsity": round(st.selection.sparsity, 4) if st.selection is not None else 0.0,
-            "kernel": st.compiled.kernel if st.compiled else "masked-dense",
-            "reason": st.compiled.reason if st.compiled else "",
+            "sparsity": round(sel.sparsity, 4) if sel is not None else 0.0,
+            "kernel": st.compiled.kernel if st.compiled else ("dense" if sel is not None and sel.dense_reason else "masked-dense"),
+            "reason": st.compiled.reason if st.compiled else (sel.dense_reason if sel is not None else ""),
+            "max_rel_err": errs[st.info.name],
         }
-        with torch.inference_mode():
-            row["max_rel_err"] = max_rel_err(compiled(inp), dense(inp))
         if layers and st.compiled is not None:
             t = interleaved_medians({"dense": lambda d=dense, i=inp: d(i), "sparse": lambda c=compiled, i=inp: c(i)}, warmup, repeats)
             row["dense_ms"] = t["dense"]["median_ms"]
             row["sparse_ms"] = t["sparse"]["median_ms"]
             row["speedup"] = row["dense_ms"] / row["sparse_ms"]
         rows.append(row)
+    rows += [{"name": n, "shape": list(ld.shape), "kernel": "dense", "reason": ld.reason, "sparsity": 0.0}
+             for n, ld in pipeline.left_dense.items()]  # fmt: skip
     t = interleaved_medians({"dense": lambda: reference(x), "sparse": lambda: model(x)}, warmup, repeats)
     return {
         "pipeline": pipeline.name,
@@ -104,6 +105,7 @@ def run_bench(
         "select_s": select_s,
         "compile_s": compile_s,
         "max_rel_err": err,
+        "tolerance": pipeline.tolerance,
         "model_dense_ms": t["dense"]["median_ms"],
         "model_sparse_ms": t["sparse"]["median_ms"],
         "model_dense_q": [t["dense"]["q1_ms"], t["dense"]["q3_ms"]],

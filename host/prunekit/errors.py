@@ -25,3 +25,12 @@ class LayoutError(PrunekitError):
 
 class CheckpointError(PrunekitError):
     """A saved pruning state cannot be read or does not fit the model."""
+
+
+class ComponentError(PrunekitError):
+    """A component hook raised, or returned nothing or the wrong type (the message names the stage,
+    component, distribution and layer)."""
+
+
+class KernelMismatchError(PrunekitError):
+    """A compiled model's output differs from the masked dense model's by more than the tolerance."""

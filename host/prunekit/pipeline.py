@@ -3,22 +3,25 @@
 Library use inside your own training loop::
 
     pipe = prunekit.load_pipeline("han-lenet")
-    pipe.attach(model)                  # masks (all-keep) as parametrizations on the selected layers
+    pipe.attach(model, calibration=batches)  # masks (all-keep); batches only if a component needs data
+    pipe.check(example=x)                   # dry run of every stage on a copy: fails in seconds
     for epoch in range(pipe.epochs):
-        pipe.step(epoch)                # the schedule decides whether masks change now
+        pipe.step(epoch)                    # the schedule decides: update masks, rewind, snapshot
         train_one_epoch(model)
-    pipe.finalize()                     # bake W * mask into the weights
-    report = pipe.compile()             # swap layers for kernel modules (same function)
-    pipe.save("state.pt")               # masks, permutations, schedule position
+        pipe.save("state.pt")               # masks, permutations, snapshots, schedule position
+    pipe.finalize()                         # bake W * mask into the weights
+    pipe.compile(example=x)                 # swap layers for kernel modules (same function)
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +32,23 @@ from torch import nn
 
 from prunekit import hookspecs
 from prunekit.atomic import atomic_torch_save
-from prunekit.errors import CheckpointError, MissingComponentError, PrunekitError, RegistryError, SelectionError
-from prunekit.masking import attach_mask, bake, mask_of, raw_weight
-from prunekit.plugins import installed_components
-from prunekit.records import CompiledLayer, LayerInfo, Layout, ScheduleDecision, Selection
+from prunekit.calibration import NEEDS, Calibration, as_calibration, collect
+from prunekit.errors import (
+    CheckpointError,
+    ComponentError,
+    MissingComponentError,
+    PrunekitError,
+    RegistryError,
+    SelectionError,
+)
+from prunekit.masking import WeightMask, attach_mask, bake, mask_of, raw_weight
+from prunekit.plugins import ComponentInfo, installed_components
+from prunekit.records import CompiledLayer, LayerInfo, LayerStats, Layout, ScheduleDecision, Selection
 from prunekit.registry import PipelineSpec, Registry, describe_structure_error, load_registry, strict_converter
+from prunekit.verify import capture_io, check_tolerance, layer_errors, max_rel_err
 
-STATE_FORMAT = "prunekit-state/1"
+STATE_FORMAT = "prunekit-state/2"
+READABLE_STATES = ("prunekit-state/1", STATE_FORMAT)
 
 
 @attrs.define
@@ -44,7 +57,9 @@ class HostParams:
 
     Layer selection defaults: every ``nn.Conv2d`` and ``nn.Linear`` whose name matches ``include`` and no
     ``exclude`` glob; grouped/depthwise convs are skipped; ``keep_first_dense`` / ``keep_last_dense``
-    leave the first conv and the final classifier dense.
+    leave the first conv and the final classifier dense. ``calibration_batches``: how many seeded
+    training batches ``prunekit run`` draws for components that need data. ``tolerance``: overrides the
+    kernel component's accepted relative error of the compiled model.
     """
 
     sparsity: float = 0.5
@@ -60,6 +75,8 @@ class HostParams:
     model: str = "lenet"
     dense_epochs: int = 15
     batch_size: int = 64
+    calibration_batches: int = 4
+    tolerance: float | None = None
 
     def __attrs_post_init__(self) -> None:
         check_sparsity(self.sparsity, "sparsity")
@@ -67,6 +84,12 @@ class HostParams:
             raise PrunekitError(f"optimizer = '{self.optimizer}' is unknown; use 'sgd' or 'adam'")
         if self.epochs < 1 or self.dense_epochs < 0 or self.batch_size < 1:
             raise PrunekitError("epochs must be >= 1, dense_epochs >= 0 and batch_size >= 1")
+        if self.calibration_batches < 1:
+            raise PrunekitError(f"calibration_batches = {self.calibration_batches}; use 1 or more")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise PrunekitError(f"tolerance = {self.tolerance}; give a relative error > 0 such as 1e-4")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise PrunekitError(f"lr = {self.lr}; give a finite learning rate > 0")
 
 
 def check_sparsity(value: float, what: str) -> None:
@@ -81,6 +104,25 @@ class LayerState:
     selection: Selection | None = None
     compiled: CompiledLayer | None = None
     layout: Layout | None = None
+
+
+@attrs.frozen
+class LeftDense:
+    """A prunable layer the host's selection policy did not select, and why."""
+
+    shape: tuple[int, ...]
+    reason: str
+
+
+@attrs.frozen
+class CheckReport:
+    """What ``Pipeline.check`` found: every stage ran on every layer of a copy of the model."""
+
+    layers: int
+    kernels: dict[str, str]
+    max_rel_err: float | None
+    layer_errors: dict[str, float]
+    seconds: float
 
 
 def _component_params_fields(cls: type) -> set[str]:
@@ -121,6 +163,11 @@ def layer_info(name: str, module: nn.Module, index: int = 0, count: int = 1) -> 
     return LayerInfo(name=name, kind="linear", weight_shape=tuple(w.shape), has_bias=module.bias is not None, index=index, count=count)
 
 
+def mask_keys(model: nn.Module) -> set[str]:
+    """state_dict keys of prunekit's mask buffers (what a rewind must not touch)."""
+    return {f"{name}.mask" for name, mod in model.named_modules() if isinstance(mod, WeightMask)}
+
+
 class Pipeline:
     """One composed pipeline: its plugin manager, parameters and (once attached) the model's masks."""
 
@@ -131,13 +178,17 @@ class Pipeline:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.components: dict[str, Any] = {}
+        self.infos: dict[str, ComponentInfo] = {}
         self.component_params: dict[str, Any] = {}
         self._load_components()
         self.host = self._structure_params()
         self.model: nn.Module | None = None
         self.layers: dict[str, LayerState] = {}
+        self.left_dense: dict[str, LeftDense] = {}  # prunable layers the host policy did not select
         self.position = 0  # next step to run
         self.decisions: list[ScheduleDecision] = []
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.calibration: Calibration | None = None
 
     # ---------------------------------------------------------------- loading
 
@@ -149,23 +200,33 @@ class Pipeline:
 
     def _load_components(self) -> None:
         found = installed_components()
-        for stage in hookspecs.STAGES:
-            comp = self.spec.component(stage)
-            if comp is None:
-                continue
+        for stage, comp in self.spec.components().items():
             info = found.get((stage, comp))
             if info is None:
                 raise self._missing(stage, comp, found)
+            info.check_unique()
+            where = f"component {stage}.{comp} from {info.distribution}"
             try:
-                cls = info.load()
-                obj = cls()
+                obj = info.load()()
             except Exception as exc:  # a broken plugin must not look like a host bug
-                raise RegistryError(f"component {stage}.{comp} from {info.distribution} failed to load: {exc}") from exc
+                raise RegistryError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
             hook = hookspecs.STAGE_GROUPS[stage][1]
             if not hasattr(obj, hook):
-                raise RegistryError(f"component {stage}.{comp} from {info.distribution} does not implement {hook}")
-            self.pm.register(obj, name=f"{stage}:{comp}")
+                raise RegistryError(f"{where} does not implement {hook}; add a method {hook} decorated with @prunekit.hookimpl")
+            try:
+                self.pm.register(obj, name=f"{stage}:{comp}")
+            except pluggy.PluginValidationError as exc:
+                spec_args = ", ".join(getattr(self.pm.hook, hook).spec.argnames)
+                raise RegistryError(f"{where}: {hook} takes an argument the spec does not have ({exc}); "
+                                    f"the spec's arguments are: {spec_args}") from None  # fmt: skip
+            needs = set(getattr(obj, "needs", ()) or ())
+            if needs - set(NEEDS):
+                raise RegistryError(
+                    f"{where}: needs = {sorted(needs)} names unknown statistics {sorted(needs - set(NEEDS))}; "
+                    f"known: {', '.join(NEEDS)}"
+                )
             self.components[stage] = obj
+            self.infos[stage] = info
 
     def _missing(self, stage: str, comp: str, found: dict) -> RegistryError:
         where = f"{self.registry.source}: pipelines.{self.name}.{stage}"
@@ -229,13 +290,66 @@ class Pipeline:
     def hook(self) -> Any:
         return self.pm.hook
 
+    @property
+    def needs(self) -> frozenset[str]:
+        """Calibration statistics any component of this pipeline declared (see prunekit.calibration)."""
+        out: set[str] = set()
+        for obj in self.components.values():
+            out |= set(getattr(obj, "needs", ()) or ())
+        return frozenset(out)
+
+    def needers(self, need: str) -> list[str]:
+        """``stage.component`` names that declared ``need``."""
+        return [f"{s}.{self.spec.component(s)}" for s, obj in self.components.items() if need in (getattr(obj, "needs", ()) or ())]
+
+    @property
+    def tolerance(self) -> float:
+        """Largest accepted relative error of the compiled model: the ``tolerance`` param, else the kernel
+        component's own, else ``hookspecs.DEFAULT_TOLERANCE``."""
+        if self.host.tolerance is not None:
+            return self.host.tolerance
+        kernel = self.components.get("kernel")
+        tol = getattr(kernel, "tolerance", None)
+        if callable(tol):
+            tol = tol(self.component_params.get("kernel"))
+        return float(tol) if tol is not None else hookspecs.DEFAULT_TOLERANCE
+
     def describe(self) -> dict[str, Any]:
         return {
             "pipeline": self.name,
             "description": self.spec.description,
-            "components": {s: self.spec.component(s) for s in hookspecs.STAGES if self.spec.component(s)},
+            "components": self.spec.components(),
             "params": dict(self.spec.params),
         }
+
+    # ---------------------------------------------------------------- calling components
+
+    def _call(self, stage: str, layer_name: str | None = None, /, **kwargs: Any) -> Any:
+        """Call one stage's hook; every failure becomes one line naming stage, component, distribution, layer."""
+        hook_name = hookspecs.STAGE_GROUPS[stage][1]
+        info = self.infos[stage]
+        layer = layer_name
+        base = f"{stage} component '{info.name}' ({info.distribution} {info.version})"
+        where = base if layer is None else f"{base}, layer {layer}"
+        try:
+            out = getattr(self.pm.hook, hook_name)(**kwargs)
+        except PrunekitError as exc:
+            text = str(exc)  # the component's own message; add only what it does not say
+            msg = f"{base if layer is not None and layer in text else where}: {text}"
+            try:
+                err = type(exc)(msg)
+            except Exception:
+                err = PrunekitError(msg)
+            raise err from None
+        except Exception as exc:
+            raise ComponentError(
+                f"{where} raised {type(exc).__name__}: {exc}; this is a bug in {info.distribution}: report it there"
+            ) from exc
+        expected = hookspecs.RETURNS[stage]
+        if not isinstance(out, expected):
+            got = "None" if out is None else type(out).__name__
+            raise ComponentError(f"{where} returned {got}; {hook_name} must return a {expected.__name__}")
+        return out
 
     # ---------------------------------------------------------------- attaching
 
@@ -248,20 +362,25 @@ class Pipeline:
         first = convs[0] if convs else None
         last = candidates[-1][0]
         chosen = []
+        self.left_dense = {}
         for name, mod in candidates:
+            reason = ""
             if not any(fnmatch.fnmatchcase(name, p) for p in h.include):
-                continue
-            if any(fnmatch.fnmatchcase(name, p) for p in h.exclude):
-                continue
-            if h.keep_first_dense and name == first:
-                continue
-            if h.keep_last_dense and name == last:
-                continue
-            if isinstance(mod, nn.Conv2d) and mod.groups != 1 and h.skip_grouped:
-                continue
-            if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
-                continue  # reflect/replicate/circular padding: no kernel computes it, the layer stays dense
-            chosen.append((name, mod))
+                reason = f"not in include {h.include}"
+            elif any(fnmatch.fnmatchcase(name, p) for p in h.exclude):
+                reason = f"matches exclude {h.exclude}"
+            elif h.keep_first_dense and name == first:
+                reason = "first conv (keep_first_dense)"
+            elif h.keep_last_dense and name == last:
+                reason = "classifier (keep_last_dense)"
+            elif isinstance(mod, nn.Conv2d) and mod.groups != 1 and h.skip_grouped:
+                reason = f"grouped conv, groups={mod.groups} (skip_grouped)"
+            elif isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+                reason = f"padding_mode={mod.padding_mode}: no kernel computes it"
+            if reason:
+                self.left_dense[name] = LeftDense(tuple(mod.weight.shape), reason)
+            else:
+                chosen.append((name, mod))
         if not chosen:
             names = ", ".join(n for n, _ in candidates[:8]) + (" ..." if len(candidates) > 8 else "")
             raise SelectionError(
@@ -270,15 +389,33 @@ class Pipeline:
             )
         return chosen
 
-    def attach(self, model: nn.Module) -> list[LayerInfo]:
-        """Put all-keep masks on the selected layers of ``model``; returns their LayerInfo."""
+    def attach(self, model: nn.Module, calibration: Iterable[Any] | Calibration | None = None) -> list[LayerInfo]:
+        """Put all-keep masks on the selected layers of ``model``; returns their LayerInfo.
+
+        ``calibration``: batches (``x`` or ``(x, y)``) for components that declare ``needs``; see
+        ``set_calibration``.
+        """
         chosen = self.select_layers(model)
         self.model = model
         self.layers = {}
+        self.snapshots = {}
         for i, (name, mod) in enumerate(chosen):
             attach_mask(mod)
             self.layers[name] = LayerState(layer_info(name, mod, i, len(chosen)), mod)
+        if calibration is not None:
+            self.set_calibration(calibration)
         return [s.info for s in self.layers.values()]
+
+    def set_calibration(self, batches: Iterable[Any] | Calibration, loss: Callable | None = None) -> None:
+        """Batches the host runs through the model before each mask update when a component declares
+        ``needs``: an iterable of ``x`` or ``(x, y)`` (``"grads"`` needs labels); ``loss(logits, y)``
+        defaults to cross-entropy. Materialised once, so a DataLoader is read only here."""
+        self.calibration = as_calibration(batches, loss)
+        if "grads" in self.needs and not self.calibration.has_labels:
+            raise PrunekitError(
+                f"pipeline {self.name}: {', '.join(self.needers('grads'))} needs gradients, which need labels; "
+                "pass (x, y) batches to set_calibration"
+            )
 
     def _require_attached(self) -> None:
         if self.model is None:
@@ -288,57 +425,122 @@ class Pipeline:
         digest = hashlib.sha256(f"{self.host.seed}:{step}:{index}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
-    # ---------------------------------------------------------------- stepping
+    # ---------------------------------------------------------------- the schedule
 
     def decide(self, step: int, total_steps: int | None = None) -> ScheduleDecision:
         total = self.host.epochs if total_steps is None else total_steps
-        decision = self.hook.prunekit_schedule(
-            step=step, total_steps=total, target=self.host.sparsity, params=self.component_params["schedule"]
+        return self._call(
+            "schedule", step=step, total_steps=total, target=self.host.sparsity, params=self.component_params["schedule"]
         )
-        if decision is None:
-            raise RegistryError(f"schedule component '{self.spec.schedule}' returned nothing for step {step}")
-        return decision
+
+    def plan(self, total_steps: int | None = None) -> list[ScheduleDecision]:
+        """Every step's decision up front (schedules are pure): checks the schedule fits the run and that
+        every rewind has a snapshot to go back to."""
+        total = self.host.epochs if total_steps is None else total_steps
+        decisions = [self.decide(s, total) for s in range(total)]
+        have = set(self.snapshots)
+        for d in decisions:
+            if d.rewind:  # the host rewinds before it snapshots within one step
+                want = d.rewind_step
+                if not (have if want is None else want in have):
+                    raise PrunekitError(
+                        f"schedule '{self.spec.schedule}' asks to rewind at step {d.step} to "
+                        f"{'the latest snapshot' if want is None else f'step {want}'}, but no snapshot is taken "
+                        "before it; set the schedule's rewind step at or before its first rewind"
+                    )
+            if d.snapshot:
+                have.add(d.step)
+        return decisions
 
     def step(self, step: int | None = None, total_steps: int | None = None) -> ScheduleDecision:
-        """Advance the schedule to ``step`` (default: the next one) and update masks if it says so."""
+        """Advance the schedule to ``step`` (default: the next one) and act on its decision, in order:
+        update masks, rewind to a snapshot, take a snapshot (see ``ScheduleDecision``)."""
         self._require_attached()
         step = self.position if step is None else step
         decision = self.decide(step, total_steps)
         if decision.update:
             self.prune(decision.sparsity, step=step)
+        if decision.rewind:
+            self.rewind(decision.rewind_step)
+        if decision.snapshot:
+            self.take_snapshot(step)
         self.decisions.append(decision)
         self.position = step + 1
         return decision
 
+    # ---------------------------------------------------------------- snapshots and rewinding
+
+    @torch.no_grad()
+    def take_snapshot(self, step: int) -> None:
+        """Save every parameter and buffer of the model (masks excepted) as the rewind point of ``step``."""
+        self._require_attached()
+        skip = mask_keys(self.model)
+        self.snapshots[step] = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in skip}
+
+    @torch.no_grad()
+    def rewind(self, to_step: int | None = None) -> int:
+        """Restore the snapshot of ``to_step`` (default: the latest) into the model; masks stay, so the
+        effective weights become ``snapshot * mask``. Returns the step rewound to."""
+        self._require_attached()
+        if not self.snapshots:
+            raise PrunekitError(f"pipeline {self.name}: rewind asked but no snapshot was taken; the schedule must snapshot first")
+        step = max(self.snapshots) if to_step is None else to_step
+        if step not in self.snapshots:
+            raise PrunekitError(f"pipeline {self.name}: no snapshot at step {step} (have {sorted(self.snapshots)})")
+        snap = self.snapshots[step]
+        current = self.model.state_dict()
+        skip = mask_keys(self.model)
+        missing = sorted(k for k in current if k not in skip and k not in snap)
+        if missing:
+            raise CheckpointError(
+                f"pipeline {self.name}: the snapshot of step {step} lacks {', '.join(missing[:4])}; "
+                "the model changed after the snapshot (finalize/compile), so it cannot be rewound"
+            )
+        for k, t in current.items():
+            if k not in skip:
+                t.copy_(snap[k].to(t.device))
+        return step
+
+    # ---------------------------------------------------------------- masks
+
+    def _stats(self) -> dict[str, LayerStats]:
+        needs = self.needs
+        if not needs:
+            return {}
+        if self.calibration is None:
+            raise PrunekitError(
+                f"pipeline {self.name}: {', '.join(self.needers(next(iter(sorted(needs)))))} needs calibration data "
+                f"({', '.join(sorted(needs))}); pass batches: pipeline.attach(model, calibration=batches) or "
+                "pipeline.set_calibration(batches)"
+            )
+        return collect(self.model, {n: st.module for n, st in self.layers.items()}, self.calibration, needs)
+
     @torch.no_grad()
     def prune(self, sparsity: float, step: int = 0) -> dict[str, Selection]:
-        """Score and select every layer at ``sparsity`` now (what ``step`` does when the schedule says so)."""
+        """Score and select every layer at ``sparsity`` now (what ``step`` does when the schedule says so).
+
+        Calibration statistics (when a component needs them) are computed once here, for all layers."""
         self._require_attached()
         check_sparsity(sparsity, "sparsity")
         sp, ss = self.component_params["score"], self.component_params["select"]
+        stats = self._stats()
         all_scores: dict[str, torch.Tensor] = {}
         weights: dict[str, torch.Tensor] = {}
         for name, st in self.layers.items():
             w = raw_weight(st.module).detach()
             weights[name] = w
             mask = mask_of(st.module).mask.bool() if st.selection is not None else None
-            scores = self.hook.prunekit_score(
-                layer=st.info, weight=w, mask=mask, params=sp, generator=self._generator(step, st.info.index)
-            )
-            all_scores[name] = scores
+            all_scores[name] = self._call(
+                "score", name, layer=st.info, weight=w, mask=mask, params=sp,
+                generator=self._generator(step, st.info.index), stats=stats.get(name),
+            )  # fmt: skip
         out = {}
         for name, st in self.layers.items():
-            sel = self.hook.prunekit_select_mask(
-                layer=st.info,
-                weight=weights[name],
-                scores=all_scores[name],
-                sparsity=sparsity,
-                target=max(self.host.sparsity, sparsity),
-                previous=st.selection,
-                params=ss,
-                generator=self._generator(step + 1_000_003, st.info.index),
-                all_scores=all_scores,
-            )
+            sel = self._call(
+                "select", name, layer=st.info, weight=weights[name], scores=all_scores[name], sparsity=sparsity,
+                target=max(self.host.sparsity, sparsity), previous=st.selection, params=ss,
+                generator=self._generator(step + 1_000_003, st.info.index), all_scores=all_scores, stats=stats.get(name),
+            )  # fmt: skip
             if sel.mask.shape != weights[name].shape or sel.mask.dtype != torch.bool:
                 raise SelectionError(
                     f"select component '{self.spec.select}' returned a {sel.mask.dtype} mask of shape "
@@ -357,6 +559,53 @@ class Pipeline:
             kept += int(st.selection.mask.sum()) if st.selection is not None else n
             total += n
         return 1.0 - kept / max(total, 1)
+
+    # ---------------------------------------------------------------- checking before training
+
+    def clone(self) -> Pipeline:
+        """A fresh pipeline of the same spec and (possibly edited) host parameters, not attached."""
+        other = Pipeline(self.name, self.spec, self.registry)
+        other.host = attrs.evolve(self.host)
+        other.calibration = self.calibration
+        return other
+
+    def check(self, model: nn.Module | None = None, example: torch.Tensor | None = None) -> CheckReport:
+        """Dry run of every stage on a copy of ``model`` (default: the attached one) with its current
+        weights: the schedule's plan, score and select at the target sparsity, layout and kernel for
+        every layer, and (with ``example``) the compiled copy against the masked dense copy.
+
+        Fails in seconds, with the error a full run would hit after training: a layout that cannot take
+        the selection's block shape, a kernel/layout pair that does not match, a kernel above tolerance.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        model = self.model if model is None else model
+        if model is None:
+            raise PrunekitError("check() needs a model: pass one or attach the pipeline first")
+        probe = self.clone()
+        twin = copy.deepcopy(model)
+        probe.attach(twin)
+        probe.plan(self.host.epochs)
+        probe.prune(self.host.sparsity, step=0)
+        # no finalize(): removing a parametrization from the copy would delete the weight property
+        # of the class it shares with the original module; the parametrized weight is already W * mask
+        kernels: dict[str, str] = {}
+        err, errs = None, {}
+        if self.has_kernel:
+            captured: dict = {}
+            ref_out = None
+            if example is not None:
+                twin.eval()
+                ref_out, captured = capture_io(twin, list(probe.layers), example)
+            states = probe._compile_layers(example)
+            kernels = {st.info.name: st.compiled.kernel for st in states if st.compiled is not None}
+            if example is not None:
+                with torch.inference_mode():
+                    err = max_rel_err(twin(example), ref_out)
+                errs = layer_errors(twin, {n: io for n, io in captured.items() if n in kernels})
+                check_tolerance(f"pipeline {self.name} (check before training)", err, errs, kernels, self.tolerance)
+        return CheckReport(len(probe.layers), kernels, err, errs, time.perf_counter() - t0)
 
     # ---------------------------------------------------------------- finishing
 
@@ -396,25 +645,34 @@ class Pipeline:
     def compile(self, example: torch.Tensor | None = None) -> list[LayerState]:
         """Replace each selected layer by its kernel module (finalizes first). No kernel stage: no change.
 
-        ``example`` (one input batch) lets kernels see each layer's real input size.
+        Layers never pruned, or left dense by the select stage (``Selection.dense_reason``), stay as they
+        are. ``example`` (one input batch) lets kernels see each layer's real input size.
         """
         self._require_attached()
         self.finalize()
+        return self._compile_layers(example)
+
+    @torch.no_grad()
+    def _compile_layers(self, example: torch.Tensor | None) -> list[LayerState]:
         if not self.has_kernel:
             return list(self.layers.values())
         if example is not None:
             self.record_input_shapes(example)
         lp, kp = self.component_params["layout"], self.component_params["kernel"]
         for name, st in self.layers.items():
-            if st.selection is None:
-                continue  # never pruned: stays dense
+            if st.selection is None or st.selection.dense_reason:
+                continue
             w = st.module.weight.detach()
-            layout = self.hook.prunekit_transform_layout(layer=st.info, weight=w, selection=st.selection, params=lp)
+            layout = self._call("layout", name, layer=st.info, weight=w, selection=st.selection, params=lp)
             bias = st.module.bias.detach() if getattr(st.module, "bias", None) is not None else None
-            compiled = self.hook.prunekit_build_kernel(layer=st.info, layout=layout, bias=bias, params=kp)
+            compiled = self._call("kernel", name, layer=st.info, layout=layout, bias=bias, params=kp)
             st.layout, st.compiled = layout, compiled
             _replace_module(self.model, name, compiled.module)
         return list(self.layers.values())
+
+    def kernels(self) -> dict[str, str]:
+        """``{layer: kernel}`` of the compiled layers."""
+        return {n: st.compiled.kernel for n, st in self.layers.items() if st.compiled is not None}
 
     # ---------------------------------------------------------------- persistence
 
@@ -431,6 +689,8 @@ class Pipeline:
                 "block": list(st.selection.block),
                 "soft": st.selection.soft,
                 "pruned_decay": st.selection.pruned_decay,
+                "pattern": st.selection.pattern,
+                "dense_reason": st.selection.dense_reason,
                 "ndim": len(st.selection.perms),
                 "meta": st.selection.meta,
             }
@@ -441,14 +701,18 @@ class Pipeline:
             "masks": masks,
             "perms": perms,
             "meta": json.dumps(meta, default=str),
+            "snapshots": {str(step): dict(snap) for step, snap in self.snapshots.items()},
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write masks, permutations and schedule position atomically (temp file, then rename)."""
+        """Write masks, permutations, snapshots and schedule position atomically (temp file, then rename)."""
         atomic_torch_save(self.state_dict(), Path(path))
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
-        """Restore a saved state onto the attached model (safe: ``torch.load(weights_only=True)``)."""
+        """Restore a saved state onto the attached model (safe: ``torch.load(weights_only=True)``).
+
+        Everything is checked before anything is applied, so a state that does not fit leaves the
+        pipeline as it was."""
         self._require_attached()
         path = Path(path)
         try:
@@ -457,7 +721,7 @@ class Pipeline:
             raise CheckpointError(f"{path}: no such pruning state; check the path") from None
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable prunekit state ({type(exc).__name__}); re-create it with save()") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in READABLE_STATES:
             raise CheckpointError(f"{path}: not a {STATE_FORMAT} file; re-create it with pipeline.save()")
         if state["pipeline"] != self.name:
             raise CheckpointError(f"{path}: saved by pipeline '{state['pipeline']}', not '{self.name}'; load it with that pipeline")
@@ -466,18 +730,24 @@ class Pipeline:
             st = self.layers.get(name)
             if st is None or tuple(mask.shape) != st.info.weight_shape:
                 raise CheckpointError(f"{path}: layer {name} {tuple(mask.shape)} does not fit this model; attach the model it was saved from")
+        snapshots = {int(k): v for k, v in state.get("snapshots", {}).items()}
+        current = self.model.state_dict()
+        for step, snap in snapshots.items():
+            for k, t in snap.items():
+                if k not in current or current[k].shape != t.shape:
+                    raise CheckpointError(f"{path}: snapshot of step {step} holds {k} {tuple(t.shape)}, which this model lacks; attach the model it was saved from")
         for name, mask in state["masks"].items():
             st = self.layers[name]
             m = meta[name]
             perms = tuple(state["perms"].get(f"{name}#{d}") for d in range(m["ndim"]))
-            sel = Selection(mask=mask.bool(), perms=perms, block=tuple(m["block"]), soft=m["soft"], pruned_decay=m["pruned_decay"], meta=m["meta"])
+            sel = Selection(
+                mask=mask.bool(), perms=perms, block=tuple(m["block"]), soft=m["soft"], pruned_decay=m["pruned_decay"],
+                pattern=m.get("pattern", ""), dense_reason=m.get("dense_reason", ""), meta=m["meta"],
+            )  # fmt: skip
             mask_of(st.module).set(sel.mask, sel.soft, sel.pruned_decay)
             st.selection = sel
+        self.snapshots = snapshots
         self.position = int(state["position"])
-
-
-def _parametrized(module: nn.Module) -> bool:
-    return hasattr(module, "parametrizations") and "weight" in module.parametrizations
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

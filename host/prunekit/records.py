@@ -55,11 +55,19 @@ class LayerInfo:
 
 @attrs.frozen
 class ScheduleDecision:
-    """What the schedule says at one step.
+    """What the schedule says at one step; the host acts on it in one place (``Pipeline.step``), in order:
 
-    ``sparsity`` is the fraction of the layer's weights to remove now (already ramped by the schedule);
-    ``update`` says whether masks are recomputed at this step; ``rewind`` asks the host to restore the
-    weights saved at ``rewind_step`` (lottery tickets); ``final`` means no later step changes the masks.
+    1. ``update``: masks are recomputed at ``sparsity`` (the fraction of weights to remove now, already
+       ramped by the schedule);
+    2. ``rewind``: every parameter and buffer of the model (masks excepted) is restored from the snapshot
+       taken at ``rewind_step`` (``None``: the latest snapshot), so the effective weights become
+       ``snapshot * mask`` (lottery tickets); the CLI's training loop then restarts its optimizer and
+       learning-rate schedule, since training starts over from the rewound weights;
+    3. ``snapshot``: all parameters and buffers (masks excepted) are saved as the rewind point of this
+       step, before this step trains. Snapshots are part of the saved state, so a resumed run rewinds to
+       the same weights.
+
+    ``final`` means no later step changes the masks; ``note`` is shown in progress bars and reports.
     """
 
     step: int
@@ -67,6 +75,8 @@ class ScheduleDecision:
     update: bool
     final: bool = False
     rewind: bool = False
+    rewind_step: int | None = None
+    snapshot: bool = False
     note: str = ""
 
 
@@ -78,7 +88,13 @@ class Selection:
     ``perms``: one entry per weight dim, ``None`` for identity, else a LongTensor ``p`` with ``p[slot] =
     original index``: in permuted coordinates (``weight[p0][:, p1]...``) the mask is block-shaped.
     ``block``: block extent per weight dim in permuted coordinates (``(1, 1, 1, 1)`` for unstructured).
+    ``block``: block extent per weight dim in permuted coordinates: ``(1, 1, 1, 1)`` for unstructured,
+    ``0`` = the whole dimension (``(16, 1, 0, 0)`` is 16 output channels x one input channel x all taps);
+    empty ``()`` = the selection states no block shape (layouts that need one raise ``LayoutError``).
     ``soft``: pruned weights keep receiving gradients (straight-through), plus ``pruned_decay``·w on them.
+    ``pattern``: the pattern in words for reports (``"2:4"``, ``"1x16 ..."``); empty = derived from ``block``.
+    ``dense_reason``: non-empty when the select stage left this layer whole on purpose (a policy such as
+    ``cout_policy = "skip"``); the mask is then all True and reports show the layer as dense with this reason.
     ``meta``: small JSON-able facts for the report (criterion, policy, achieved counts, ...).
     """
 
@@ -87,6 +103,8 @@ class Selection:
     block: tuple[int, ...] = ()
     soft: bool = False
     pruned_decay: float = 0.0
+    pattern: str = ""
+    dense_reason: str = ""
     meta: dict[str, Any] = attrs.field(factory=dict)
 
     @property
@@ -95,6 +113,40 @@ class Selection:
 
     def perm(self, dim: int) -> torch.Tensor | None:
         return self.perms[dim] if dim < len(self.perms) else None
+
+
+@attrs.frozen
+class LayerStats:
+    """Data-derived statistics of one layer, computed by the host once per mask update from calibration
+    batches, for components that declare ``needs`` (see ``prunekit.hookspecs``). Fields a component did
+    not ask for are ``None``. Sums run over every calibration batch; divide by ``samples`` or
+    ``positions`` for means.
+
+    With ``"activations"`` (inputs only, no labels):
+      ``input_sq``  ``[K]`` sum of squares of the layer's input per GEMM column, over all positions
+                    (conv: the im2col columns ``(cin, kh, kw)``, padding included as zeros; linear: the
+                    ``in`` features). Wanda's ``||X_j||_2`` is ``input_sq.sqrt()``.
+      ``output_abs`` / ``output_sq``  ``[Cout]`` sum of ``|y|`` / ``y**2`` of the layer's own output
+                    (before any norm or activation) per output channel, over all positions.
+      ``positions`` input positions summed per sample and column (conv: ``Hout*Wout``; linear: rows).
+    With ``"grads"`` (needs labels and the loss):
+      ``grad``      ``[weight shape]`` sum over batches of ``dL_b/dW`` of the *effective* (masked) weight,
+                    ``L_b`` the mean loss of batch ``b``.
+      ``grad_sq``   ``[weight shape]`` sum over batches of ``(dL_b/dW)**2`` (empirical Fisher diagonal).
+    With both: ``output_taylor`` ``[Cout]`` sum over samples of ``|sum over positions of y * dL/dy|`` per
+    output channel (the channel saliency / Taylor criterion).
+    """
+
+    name: str
+    batches: int
+    samples: int
+    positions: int = 0
+    input_sq: torch.Tensor | None = None
+    output_abs: torch.Tensor | None = None
+    output_sq: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+    grad_sq: torch.Tensor | None = None
+    output_taylor: torch.Tensor | None = None
 
 
 @attrs.frozen

@@ -33,23 +33,37 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.v import format_exception
 
 from prunekit.errors import RegistryError
-from prunekit.hookspecs import STAGES
+from prunekit.hookspecs import OPTIONAL_STAGES, STAGES
 
 ENV_REGISTRY = "PRUNEKIT_REGISTRY"
 
 
-@attrs.frozen
-class PipelineSpec:
-    schedule: str
-    score: str
-    select: str
-    layout: str | None = None
-    kernel: str | None = None
-    description: str = ""
-    params: dict[str, Any] = attrs.field(factory=dict)
-
+class _SpecMethods:
     def component(self, stage: str) -> str | None:
+        """The component named for ``stage`` (``None`` for an optional stage left out)."""
         return getattr(self, stage)
+
+    def components(self) -> dict[str, str]:
+        """``{stage: component}`` for every stage this pipeline names, in stage order."""
+        return {s: getattr(self, s) for s in STAGES if getattr(self, s) is not None}
+
+
+def _spec_fields() -> dict[str, Any]:
+    """One field per stage, derived from hookspecs.STAGES (the stage list is defined only there)."""
+    fields: dict[str, Any] = {}
+    for stage in STAGES:
+        if stage in OPTIONAL_STAGES:
+            fields[stage] = attrs.field(type=str | None, default=None)
+        else:
+            fields[stage] = attrs.field(type=str)
+    fields["description"] = attrs.field(type=str, default="")
+    fields["params"] = attrs.field(type=dict[str, Any], factory=dict)
+    return fields
+
+
+PipelineSpec = attrs.make_class("PipelineSpec", _spec_fields(), bases=(_SpecMethods,), frozen=True)
+PipelineSpec.__doc__ = "One [pipelines.NAME] table: a component name per stage, a description and flat params."
+PipelineSpec.__module__ = __name__
 
 
 @attrs.frozen
@@ -152,10 +166,13 @@ def _check_stage_keys(name: str, raw: Any, source: Path) -> None:
                 f"(plus description and params)"
             )
     for stage in STAGES:
-        if stage not in ("layout", "kernel") and stage not in raw:
+        if stage not in OPTIONAL_STAGES and stage not in raw:
             raise RegistryError(f"{source}: pipelines.{name}.{stage}: missing; name the component for this stage")
-    if ("kernel" in raw) != ("layout" in raw):
-        raise RegistryError(f"{source}: pipelines.{name}: 'layout' and 'kernel' go together; give both or neither")
+    optional = [s for s in STAGES if s in OPTIONAL_STAGES]
+    given = [s for s in optional if s in raw]
+    if given and len(given) != len(optional):
+        both = " and ".join(f"'{s}'" for s in optional)
+        raise RegistryError(f"{source}: pipelines.{name}: {both} go together; give both or neither")
 
 
 def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:

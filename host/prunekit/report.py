@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.atomic import write_text_atomic
-from prunekit.pipeline import LayerState
+from prunekit.pipeline import LayerState, LeftDense
 
 
 def pattern_words(block: tuple[int, ...]) -> str:
@@ -22,24 +22,39 @@ def pattern_words(block: tuple[int, ...]) -> str:
     return f"{block[0]} out x {block[1]} in"
 
 
-def layer_rows(states: list[LayerState]) -> list[dict[str, Any]]:
+def layer_rows(states: list[LayerState], left_dense: dict[str, LeftDense] | None = None) -> list[dict[str, Any]]:
+    """One row per prunable layer: the selected ones, then those a host policy left dense (with why)."""
     rows = []
     for st in states:
         sel = st.selection
         dense_bytes = 4 * math.prod(st.info.weight_shape)
+        if sel is None:
+            pattern, reason = "dense", "never pruned"
+        elif sel.dense_reason:
+            pattern, reason = "dense", sel.dense_reason
+        else:
+            pattern, reason = sel.pattern or pattern_words(sel.block), ""
+        if st.compiled is not None:
+            kernel, reason = st.compiled.kernel, st.compiled.reason or reason
+        else:
+            kernel = "dense" if pattern == "dense" else "masked-dense"
         rows.append(
             {
                 "name": st.info.name,
                 "shape": list(st.info.weight_shape),
-                "pattern": pattern_words(sel.block) if sel is not None else "dense",
+                "pattern": pattern,
                 "sparsity": round(sel.sparsity, 4) if sel is not None else 0.0,
                 "dense_bytes": dense_bytes,
                 "packed_bytes": st.layout.nbytes if st.layout is not None else None,
                 "layout": st.layout.format if st.layout is not None else None,
-                "kernel": st.compiled.kernel if st.compiled is not None else "masked-dense",
-                "reason": st.compiled.reason if st.compiled is not None else "",
+                "kernel": kernel,
+                "reason": reason,
             }
         )
+    for name, ld in (left_dense or {}).items():
+        rows.append({"name": name, "shape": list(ld.shape), "pattern": "dense", "sparsity": 0.0,
+                     "dense_bytes": 4 * math.prod(ld.shape), "packed_bytes": None, "layout": None, "kernel": "dense",
+                     "reason": ld.reason})  # fmt: skip
     return rows
 
 

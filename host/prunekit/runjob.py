@@ -12,14 +12,15 @@ import attrs
 import torch
 
 from prunekit.atomic import atomic_torch_save, write_text_atomic
-from prunekit.bench import max_rel_err
+from prunekit.calibration import draw_batches
 from prunekit.data import load_data
-from prunekit.errors import CheckpointError
+from prunekit.errors import CheckpointError, KernelMismatchError
 from prunekit.models import build_model, model_spec
 from prunekit.pipeline import Pipeline
 from prunekit.report import history_svg, layer_rows, write_json_atomic
 from prunekit.timing import interleaved_medians
 from prunekit.training import evaluate, fit, prune_and_finetune
+from prunekit.verify import capture_io, check_tolerance, layer_errors, max_rel_err
 
 
 def cache_dir() -> Path:
@@ -89,6 +90,12 @@ def run_job(
     log(f"dense {model_name} on {bundle.name}: {dense_acc:.2f}% ({origin})")
 
     pipe.attach(model)
+    if pipe.needs:
+        pipe.set_calibration(draw_batches(bundle.train.dataset, h.calibration_batches, h.batch_size, h.seed))
+        log(f"calibration for {', '.join(sorted(pipe.needs))}: {pipe.calibration.source}")
+    probe = pipe.check(example=torch.randn(2, *bundle.input_shape))
+    err = "" if probe.max_rel_err is None else f", compiled max rel err {probe.max_rel_err:.1e}"
+    log(f"check: every stage ran on {probe.layers} layers of a copy in {probe.seconds:.1f} s{err}")
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.is_file():
         pipe.load_state(out / "state.pt")
@@ -116,14 +123,22 @@ def run_job(
         "sparsity": pipe.sparsity(),
         "history": [attrs.asdict(r) for r in records],
     }
+    mismatch = None
     if pipe.has_kernel:
         reference = copy.deepcopy(model).eval()
         x = torch.randn(latency_batch, *bundle.input_shape)
+        ref_out, captured = capture_io(reference, list(pipe.layers), x)
         states = pipe.compile(example=x)
         model.eval()
         compiled_acc = evaluate(model, bundle.test)
         with torch.inference_mode():
-            report["max_rel_err"] = max_rel_err(model(x), reference(x))
+            report["max_rel_err"] = max_rel_err(model(x), ref_out)
+        errs = layer_errors(model, captured)
+        report["tolerance"] = pipe.tolerance
+        try:
+            check_tolerance(f"prunekit run {pipe.name}", report["max_rel_err"], errs, pipe.kernels(), pipe.tolerance)
+        except KernelMismatchError as exc:
+            mismatch = exc
         t = interleaved_medians({"dense": lambda: reference(x), "sparse": lambda: model(x)}, warmup=5, repeats=50)
         report.update(
             compiled_accuracy=compiled_acc,
@@ -137,8 +152,14 @@ def run_job(
         )
     else:
         states = list(pipe.layers.values())
-    report["layers"] = layer_rows(states)
+    report["layers"] = layer_rows(states, pipe.left_dense)
+    if pipe.has_kernel:
+        for row in report["layers"]:
+            if row["name"] in errs:
+                row["max_rel_err"] = errs[row["name"]]
     write_json_atomic(report, out / "report.json")
     svg = history_svg(report["history"], dense_acc, f"{pipe.name} on {model_name}/{bundle.name}")
     write_text_atomic(svg, out / "history.svg")
+    if mismatch is not None:
+        raise mismatch  # after the report is written: it records every layer's error
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import attrs
@@ -80,6 +81,19 @@ def fit(
     return evaluate(model, test)
 
 
+def lr_segments(decisions: list, epochs: int) -> list[tuple[int, int]]:
+    """``[start, end)`` spans of one cosine learning-rate schedule each: a rewind starts a new one (the
+    run starts over from the rewound weights), so every lottery-ticket round trains a full schedule."""
+    starts = sorted({0, *(d.step for d in decisions if d.rewind and 0 < d.step < epochs)})
+    return [(a, b) for a, b in zip(starts, [*starts[1:], epochs])]
+
+
+def cosine_lr(base: float, e: int, span: tuple[int, int]) -> float:
+    """The learning rate of epoch ``e`` in its segment (what CosineAnnealingLR stepped per epoch gives)."""
+    start, end = span
+    return base * 0.5 * (1.0 + math.cos(math.pi * (e - start) / max(end - start, 1)))
+
+
 def prune_and_finetune(
     pipeline: object,
     model: nn.Module,
@@ -91,15 +105,21 @@ def prune_and_finetune(
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> list[EpochRecord]:
-    """Each epoch: let the schedule update masks, train one epoch with masks fixed, evaluate."""
-    opt = make_optimizer(model, optimizer, lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
+    """Each epoch: ``pipeline.step`` acts on the schedule's decision (masks, rewind, snapshot), then one
+    epoch trains with masks fixed and the model is evaluated. The optimizer and its cosine learning rate
+    restart at every rewind; the rate is a pure function of the epoch, so a resumed run continues it."""
+    segments = lr_segments(pipeline.plan(epochs), epochs)
+    opt = None
     records = []
     bar = tqdm(range(pipeline.position, epochs), desc=f"prune {pipeline.name}", disable=not progress, unit="epoch")
     for e in bar:
         decision = pipeline.step(e, total_steps=epochs)
+        if opt is None or decision.rewind:
+            opt = make_optimizer(model, optimizer, lr)
+        span = next(seg for seg in segments if seg[0] <= e < seg[1])
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(lr, e, span)
         loss = train_epoch(model, train, opt, f"epoch {e}", progress)
-        sched.step()
         acc = evaluate(model, test)
         rec = EpochRecord(e, pipeline.sparsity(), decision.update, loss, acc, decision.note)
         records.append(rec)

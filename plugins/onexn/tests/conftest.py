@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import prunekit.pipeline
 from prunekit import hookimpl
 from prunekit.pipeline import Pipeline
+from prunekit.plugins import register_component, unregister_component
 from prunekit.records import ScheduleDecision
 
 
@@ -20,19 +20,9 @@ class OneShotAtZero:
         return ScheduleDecision(step=step, sparsity=target, update=step == 0, final=True)
 
 
-class _Info:
-    distribution = "tests"
-
-    def load(self) -> type:
-        return OneShotAtZero
-
-
 @pytest.fixture
-def make_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    real = prunekit.pipeline.installed_components
-    monkeypatch.setattr(
-        prunekit.pipeline, "installed_components", lambda: {**real(), ("schedule", "test-oneshot"): _Info()}
-    )
+def make_pipeline(tmp_path: Path):
+    register_component("schedule", "test-oneshot", OneShotAtZero, "tests")
 
     def make(score: str, params: str) -> Pipeline:
         reg = tmp_path / "registry.toml"
@@ -43,4 +33,5 @@ def make_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         )
         return Pipeline.load("t", reg)
 
-    return make
+    yield make
+    unregister_component("schedule", "test-oneshot")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import prunekit.pipeline
 from prunekit import hookimpl
 from prunekit.pipeline import Pipeline
+from prunekit.plugins import register_component, unregister_component
 from prunekit.records import ScheduleDecision
 
 RAMP_END = 3
@@ -23,19 +23,9 @@ class RampToThree:
         return ScheduleDecision(step=step, sparsity=ratio * target, update=step <= RAMP_END, final=step >= RAMP_END)
 
 
-class _Info:
-    distribution = "tests"
-
-    def load(self) -> type:
-        return RampToThree
-
-
 @pytest.fixture
-def make_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    real = prunekit.pipeline.installed_components
-    monkeypatch.setattr(
-        prunekit.pipeline, "installed_components", lambda: {**real(), ("schedule", "test-ramp"): _Info()}
-    )
+def make_pipeline(tmp_path: Path):
+    register_component("schedule", "test-ramp", RampToThree, "tests")
 
     def make(score: str, params: str) -> Pipeline:
         reg = tmp_path / "registry.toml"
@@ -46,4 +36,5 @@ def make_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         )
         return Pipeline.load("t", reg)
 
-    return make
+    yield make
+    unregister_component("schedule", "test-ramp")
