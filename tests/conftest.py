@@ -92,6 +92,69 @@ class DenseKernel:
         return CompiledLayer(Functional(layer, layout.tensors["w"], bias), kernel="test-dense")
 
 
+class WrongBiasKernel:
+    """Like DenseKernel but adds 1 to the bias: a kernel that is wrong by a visible amount."""
+
+    @hookimpl
+    def prunekit_build_kernel(self, layer, layout, bias):
+        wrong = (bias + 1.0) if bias is not None else None
+        return CompiledLayer(Functional(layer, layout.tensors["w"], wrong), kernel="test-wrong-bias")
+
+
+class BlockOnlyLayout:
+    """Refuses a selection without a 4-row block shape (as a 1xN layout would)."""
+
+    @hookimpl
+    def prunekit_transform_layout(self, layer, weight, selection):
+        from prunekit import LayoutError
+
+        if tuple(selection.block[:1]) != (4,):
+            raise LayoutError(f"layer {layer.name}: block {selection.block} is not a 4-row block; use a 1x4 select")
+        return Layout(format="dense", dense_shape=tuple(weight.shape), tensors={"w": weight * selection.mask})
+
+
+class Boom:
+    """A score component with a bug."""
+
+    @hookimpl
+    def prunekit_score(self, weight):
+        return weight.undefined_attribute
+
+
+class Nothing:
+    """A score component that forgets to return."""
+
+    @hookimpl
+    def prunekit_score(self, weight):
+        weight.abs()
+
+
+class TwoFour:
+    """Keeps the 2 largest of every 4 consecutive weights along the input axis; names its pattern."""
+
+    @hookimpl
+    def prunekit_select_mask(self, weight, scores):
+        s = scores.reshape(-1, 4)
+        keep = torch.zeros_like(s, dtype=torch.bool)
+        keep.scatter_(1, s.topk(2, dim=1).indices, True)
+        return Selection(mask=keep.view_as(weight), block=(1,) * weight.ndim, pattern="2:4")
+
+
+class Lottery:
+    """Snapshot at `rewind_at`, prune at the start of rounds of `length` steps, rewind after each prune."""
+
+    @attrs.define
+    class Params:
+        rewind_at: int = 1
+        length: int = 2
+
+    @hookimpl
+    def prunekit_schedule(self, step, target, params):
+        first = step % params.length == 0 and step > 0
+        return ScheduleDecision(step=step, sparsity=target if first else 0.0, update=first, final=False,
+                                rewind=first, snapshot=step == params.rewind_at)
+
+
 class _EP:
     def __init__(self, obj):
         self.obj = obj
@@ -107,6 +170,12 @@ FAKES = {
     ("select", "topk"): TopK,
     ("layout", "dense"): DenseLayout,
     ("kernel", "dense"): DenseKernel,
+    ("kernel", "wrong-bias"): WrongBiasKernel,
+    ("layout", "block-only"): BlockOnlyLayout,
+    ("score", "boom"): Boom,
+    ("score", "nothing"): Nothing,
+    ("select", "two-four"): TwoFour,
+    ("schedule", "lottery"): Lottery,
 }
 
 

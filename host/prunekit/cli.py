@@ -5,29 +5,44 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from prunekit.errors import PrunekitError
 from prunekit.hookspecs import STAGES
-from prunekit.plugins import installed_components
+from prunekit.plugins import ComponentInfo, installed_components, params_fields
 from prunekit.registry import load_registry
 from prunekit.report import format_table
 
 
+def _component_row(c: ComponentInfo) -> dict[str, Any]:
+    row: dict[str, Any] = {"stage": c.stage, "name": c.name, "distribution": c.distribution, "version": c.version,
+                           "target": c.target, "conflicts": list(c.conflicts)}  # fmt: skip
+    try:
+        cls = c.load()
+    except Exception as exc:  # a broken plugin is listed, not fatal to the listing
+        return {**row, "summary": f"(fails to load: {type(exc).__name__}: {exc})", "params": [], "needs": []}
+    doc = (cls.__doc__ or "").strip().splitlines()
+    needs = getattr(cls, "needs", ())
+    return {**row, "summary": doc[0] if doc else "", "params": params_fields(cls),
+            "needs": "per params" if callable(needs) else sorted(needs or ())}  # fmt: skip
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     comps = sorted(installed_components().values(), key=lambda c: (STAGES.index(c.stage), c.name))
-    rows = [
-        {"stage": c.stage, "name": c.name, "distribution": c.distribution, "version": c.version, "target": c.target, "summary": c.summary()}
-        for c in comps
-    ]
+    rows = [_component_row(c) for c in comps]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, default=str))
         return 0
     for stage in STAGES:
         if not any(r["stage"] == stage for r in rows):
-            rows.append({"stage": stage, "name": "(none installed)"})
+            rows.append({"stage": stage, "name": "(none installed)", "params": []})
     rows.sort(key=lambda r: (STAGES.index(r["stage"]), r["name"]))
-    print(format_table(rows, [("stage", "stage"), ("name", "component"), ("distribution", "distribution"), ("version", "version"), ("summary", "summary")]))
+    for r in rows:
+        if r.get("conflicts"):
+            r["distribution"] = f"{r['distribution']} CONFLICT with {', '.join(r['conflicts'])}"
+        r["params_text"] = ", ".join(f"{p['name']}: {p['type']} = {p['default']!r}" for p in r["params"]) or "-"
+    print(format_table(rows, [("stage", "stage"), ("name", "component"), ("distribution", "distribution"), ("version", "version"),
+                              ("summary", "summary"), ("params_text", "params (registry keys: type = default)")]))  # fmt: skip
     return 0
 
 
@@ -38,7 +53,13 @@ def pipeline_status(reg: Any) -> list[dict[str, Any]]:
         missing = []
         for stage in STAGES:
             comp = spec.component(stage)
-            if comp is None or (stage, comp) in found:
+            if comp is None:
+                continue
+            if (stage, comp) in found:
+                info = found[(stage, comp)]
+                if info.conflicts:
+                    missing.append({"stage": stage, "component": comp, "distribution": None,
+                                    "install": f"conflict: provided by {', '.join((info.distribution, *info.conflicts))}; uninstall all but one"})  # fmt: skip
                 continue
             prov = reg.provider(stage, comp)
             missing.append(
@@ -70,7 +91,7 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
         else:
             by_dist: dict[str, list[str]] = {}
             for m in r["missing"]:
-                key = f"{m['distribution']}: {m['install']}" if m["distribution"] else "no known provider"
+                key = f"{m['distribution']}: {m['install']}" if m["distribution"] else (m["install"] or "no known provider")
                 by_dist.setdefault(key, []).append(f"{m['stage']}.{m['component']}")
             status = "NOT READY, install " + "; ".join(f"{k} (for {', '.join(v)})" for k, v in by_dist.items())
         table.append({"name": r["name"] + (" (default)" if r["default"] else ""), "stages": " > ".join(r["components"].values()), "status": status})
@@ -141,9 +162,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ``prunekit: error: ...`` (exit status 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"prunekit: error: {message}; see prunekit {self.prog.split(' ', 1)[-1]} --help\n")
+
+
+def _bounded(kind: type, low: float, what: str, upper: float | None = None):  # noqa: ANN202
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (value >= low) or (upper is not None and not value < upper):
+            bound = f"in [{low}, {upper})" if upper is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bound}")
+        return value
+
+    return parse
+
+
+POSITIVE = _bounded(int, 1, "an integer")
+NONNEG = _bounded(int, 0, "an integer")
+SPARSITY = _bounded(float, 0.0, "a number", 1.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prunekit", description="Prune networks into hardware-friendly patterns and run them on sparse kernels.")
-    sub = p.add_subparsers(dest="command")
+    p = _Parser(prog="prunekit", description="Prune networks into hardware-friendly patterns and run them on sparse kernels.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     sp = sub.add_parser("plugins", help="list installed components by stage")
     sp.add_argument("--json", action="store_true")
@@ -159,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--registry", default=None)
     sp.add_argument("--model", default=None, help="model name (default: the pipeline's 'model' param)")
     sp.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory with train/ and val/")
-    sp.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the pipeline's)")
-    sp.add_argument("--threads", type=int, default=None)
-    sp.add_argument("--batch", type=int, default=1, help="batch size for the latency measurement")
+    sp.add_argument("--epochs", type=POSITIVE, default=None, help="fine-tuning epochs (default: the pipeline's)")
+    sp.add_argument("--threads", type=POSITIVE, default=None)
+    sp.add_argument("--batch", type=POSITIVE, default=1, help="batch size for the latency measurement")
     sp.add_argument("--out", default="runs/latest", help="output directory (report.json, state.pt, pruned.pt)")
     sp.add_argument("--dense", default=None, help="trained dense weights (state_dict file) instead of training")
     sp.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
@@ -172,10 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("pipeline", nargs="?", default=None)
     sp.add_argument("--registry", default=None)
     sp.add_argument("--model", default=None)
-    sp.add_argument("--batch", type=int, default=1)
-    sp.add_argument("--threads", type=int, default=1)
-    sp.add_argument("--sparsity", type=float, default=0.75)
-    sp.add_argument("--repeats", type=int, default=20)
+    sp.add_argument("--batch", type=POSITIVE, default=1)
+    sp.add_argument("--threads", type=POSITIVE, default=1)
+    sp.add_argument("--sparsity", type=SPARSITY, default=None, help="fraction of weights removed (default: the pipeline's sparsity)")
+    sp.add_argument("--repeats", type=POSITIVE, default=20)
     sp.add_argument("--no-layers", action="store_true", help="time only the whole model")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)

@@ -18,7 +18,8 @@ Optional class attributes a component may declare (the host reads them; nothing 
 * ``host_defaults``: a dict of host parameters this component changes the default of (e.g. 1xN selects
   set ``{"keep_first_dense": True, "keep_last_dense": True}``); the registry still overrides them.
 * ``needs``: a set drawn from ``prunekit.calibration.NEEDS`` -- ``"activations"`` (layer inputs and
-  outputs on calibration inputs) and/or ``"grads"`` (loss gradients; needs labelled batches). The host
+  outputs on calibration inputs) and/or ``"grads"`` (loss gradients; needs labelled batches) -- or a
+  method ``needs(params) -> set`` when a parameter chooses the criterion. The host
   then computes a ``LayerStats`` per layer once per mask update and passes it as ``stats`` to the score
   and select hooks (``None`` when no component of the pipeline needs data).
 * ``tolerance`` (kernel components): the largest relative error of the compiled model against the masked

@@ -182,6 +182,7 @@ class Pipeline:
         self.component_params: dict[str, Any] = {}
         self._load_components()
         self.host = self._structure_params()
+        self._needs = {stage: self._declared_needs(stage, obj) for stage, obj in self.components.items()}
         self.model: nn.Module | None = None
         self.layers: dict[str, LayerState] = {}
         self.left_dense: dict[str, LeftDense] = {}  # prunable layers the host policy did not select
@@ -219,12 +220,6 @@ class Pipeline:
                 spec_args = ", ".join(getattr(self.pm.hook, hook).spec.argnames)
                 raise RegistryError(f"{where}: {hook} takes an argument the spec does not have ({exc}); "
                                     f"the spec's arguments are: {spec_args}") from None  # fmt: skip
-            needs = set(getattr(obj, "needs", ()) or ())
-            if needs - set(NEEDS):
-                raise RegistryError(
-                    f"{where}: needs = {sorted(needs)} names unknown statistics {sorted(needs - set(NEEDS))}; "
-                    f"known: {', '.join(NEEDS)}"
-                )
             self.components[stage] = obj
             self.infos[stage] = info
 
@@ -290,17 +285,27 @@ class Pipeline:
     def hook(self) -> Any:
         return self.pm.hook
 
+    def _declared_needs(self, stage: str, obj: Any) -> frozenset[str]:
+        """A component's ``needs``: a set, or a method of its params (a criterion chosen by a parameter)."""
+        needs = getattr(obj, "needs", ()) or ()
+        if callable(needs):
+            needs = needs(self.component_params.get(stage)) or ()
+        needs = frozenset(needs)
+        if needs - set(NEEDS):
+            raise RegistryError(
+                f"component {stage}.{self.spec.component(stage)} from {self.infos[stage].distribution}: needs = "
+                f"{sorted(needs)} names unknown statistics {sorted(needs - set(NEEDS))}; known: {', '.join(NEEDS)}"
+            )
+        return needs
+
     @property
     def needs(self) -> frozenset[str]:
         """Calibration statistics any component of this pipeline declared (see prunekit.calibration)."""
-        out: set[str] = set()
-        for obj in self.components.values():
-            out |= set(getattr(obj, "needs", ()) or ())
-        return frozenset(out)
+        return frozenset().union(*self._needs.values())
 
     def needers(self, need: str) -> list[str]:
         """``stage.component`` names that declared ``need``."""
-        return [f"{s}.{self.spec.component(s)}" for s, obj in self.components.items() if need in (getattr(obj, "needs", ()) or ())]
+        return [f"{s}.{self.spec.component(s)}" for s, n in self._needs.items() if need in n]
 
     @property
     def tolerance(self) -> float:

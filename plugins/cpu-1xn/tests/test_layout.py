@@ -116,7 +116,7 @@ def test_layout_errors_name_the_problem() -> None:
 
 def test_skipped_layer_packs_dense_and_stays_dense() -> None:
     w = torch.randn(CONV.weight_shape)
-    sel = Selection(mask=torch.ones(CONV.weight_shape, dtype=torch.bool), meta={"skipped": "Cout=40 not a multiple"})
+    sel = Selection(mask=torch.ones(CONV.weight_shape, dtype=torch.bool), dense_reason="Cout=40 not a multiple")
     lay = Pack1xN().prunekit_transform_layout(layer=CONV, weight=w, selection=sel, params=None)
     compiled = build(CONV, lay, None, Cpu1xN.Params(fallback="never"))
     assert compiled.kernel == "dense-fallback" and "Cout=40" in compiled.reason

@@ -213,7 +213,7 @@ def test_cout_skip_leaves_layer_dense() -> None:
     info, w = conv_info(24, 8), torch.randn(24, 8, 3, 3)
     params = OneXNParams(n=16, cout_policy="skip")
     sel = select(info, w, l1(info, w, params), 0.5, params)
-    assert sel.mask.all() and "skipped" in sel.meta
+    assert sel.mask.all() and "cout_policy=skip" in sel.dense_reason
 
 
 def test_unsupported_n_and_values_are_refused() -> None:

@@ -58,9 +58,9 @@ def block_height(layer: LayerInfo, selection: Selection) -> int:
 def pack_1xn(layer: LayerInfo, weight: torch.Tensor, selection: Selection, n: int | None = None) -> Layout:
     """Pack ``weight * mask`` of one layer (see the module docstring for the format)."""
     where = f"layer {layer.name}"
-    if not selection.block and bool(selection.mask.all()):
+    if selection.dense_reason or (not selection.block and bool(selection.mask.all())):
         # the select stage left this layer whole (e.g. cout_policy = "skip"): it stays dense
-        why = selection.meta.get("skipped", "the select stage kept every weight (no 1xN block)")
+        why = selection.dense_reason or "the select stage kept every weight (no 1xN block)"
         return Layout(format=FORMAT, dense_shape=tuple(weight.shape), tensors={"dense": weight.detach().clone()},
                       meta={"dense": str(why)})  # fmt: skip
     if layer.kind == "conv2d" and layer.groups != 1:

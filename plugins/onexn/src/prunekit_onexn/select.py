@@ -40,10 +40,8 @@ class OneXNSelect:
         if grid is None:
             return Selection(
                 mask=torch.ones(weight.shape, dtype=torch.bool),
-                meta={
-                    "pattern": _pattern(params),
-                    "skipped": f"Cout={weight.shape[0]} not a multiple of N={params.n} (cout_policy=skip)",
-                },
+                dense_reason=f"Cout={weight.shape[0]} not a multiple of N={params.n} (cout_policy=skip)",
+                meta={"pattern": _pattern(params)},
             )
         if tuple(scores.shape) != grid.shape:
             raise SelectionError(
@@ -74,7 +72,7 @@ class OneXNSelect:
         }
         if grid.ragged:
             meta["last_block_rows"] = grid.last_rows
-        return Selection(mask=mask, perms=perms, block=grid.block, meta=meta)
+        return Selection(mask=mask, perms=perms, block=grid.block, pattern=meta["pattern"], meta=meta)
 
 
 def _bottom_k(scores: torch.Tensor, grid: BlockGrid, sparsity: float) -> tuple[torch.Tensor, int]:

@@ -65,8 +65,8 @@ class UniformSelect:
         grid = RowGrid.of(layer, params.n, params.cout_policy)
         meta = {"pattern": f"{PATTERN}, N={params.n}", "n": params.n, "soft": soft}
         if grid is None:
-            meta["skipped"] = f"Cout={weight.shape[0]} not a multiple of N={params.n} (cout_policy=skip)"
-            return Selection(mask=torch.ones(weight.shape, dtype=torch.bool), soft=soft, pruned_decay=decay, meta=meta)
+            why = f"Cout={weight.shape[0]} not a multiple of N={params.n} (cout_policy=skip)"
+            return Selection(mask=torch.ones(weight.shape, dtype=torch.bool), soft=soft, pruned_decay=decay, dense_reason=why, meta=meta)
         if tuple(scores.shape) != grid.shape:
             raise SelectionError(
                 f"layer {layer.name}: scores have shape {tuple(scores.shape)}, the SUBP block grid is {grid.shape}; "
@@ -99,7 +99,7 @@ class UniformSelect:
             meta["note"] = f"int({target} * Cin={cin}) = 0: no block to prune, layer stays dense"
         if grid.last_rows != grid.n:
             meta["last_block_rows"] = grid.last_rows
-        return Selection(mask=mask, block=grid.block, soft=soft, pruned_decay=decay, meta=meta)
+        return Selection(mask=mask, block=grid.block, soft=soft, pruned_decay=decay, pattern=meta["pattern"], meta=meta)
 
 
 def _uniform_keep(

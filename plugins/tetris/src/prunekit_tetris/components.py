@@ -130,7 +130,7 @@ def _select(layer: LayerInfo, weight: torch.Tensor, scores: torch.Tensor, sparsi
     if entry:
         meta["config"] = f"{params.config}:{params.arch}#{layer.index}"
     perms = tuple(res.perms) + (None,) * (ndim - len(res.perms))
-    return Selection(mask=res.mask, perms=perms, block=plan.block, meta=meta)
+    return Selection(mask=res.mask, perms=perms, block=plan.block, pattern=meta["pattern"], meta=meta)
 
 
 class BlockSelect:
