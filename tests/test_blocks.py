@@ -53,3 +53,13 @@ def test_dense_module_computes_the_layer_for_grouped_convs_too():
     lin = LayerInfo("l", "linear", (3, 5))
     wl = torch.randn(3, 5)
     torch.testing.assert_close(dense_module(lin, wl, None)(torch.ones(2, 5)), torch.ones(2, 5) @ wl.t())
+
+
+def test_bad_granularity_policy_and_negative_dim_are_named():
+    info = LayerInfo("c", "conv2d", (8, 2, 3, 3))
+    with pytest.raises(SelectionError, match="granularity = 'ragged' is unknown"):
+        RowBlocks.of(info, 4, "ragged")
+    with pytest.raises(SelectionError, match="cout_policy = 'pad' is unknown"):
+        RowBlocks.of(info, 4, "kernel", "pad")
+    with pytest.raises(SelectionError, match="negative extent for dim 2"):
+        resolve_block((8, 2, 3, 3), (4, 1, -1, 0), "layer c")

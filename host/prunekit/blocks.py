@@ -51,8 +51,11 @@ def resolve_block(
             f"{where}: block {list(block)} has {len(block)} entries but the weight {list(shape)} has {len(shape)} "
             "dims; give one block extent per dim (0 = whole dim)"
         )
-    if any(b < 0 for b in block):
-        raise error(f"{where}: block {list(block)} has a negative extent; use 0 (whole dim) or a positive size")
+    negative = [d for d, b in enumerate(block) if b < 0]
+    if negative:
+        raise error(
+            f"{where}: block {list(block)} has a negative extent for dim {negative[0]}; use 0 (whole dim) or a positive size"
+        )
     return tuple(n if b == 0 else b for b, n in zip(block, shape))
 
 
@@ -113,6 +116,8 @@ class RowBlocks:
         Raises SelectionError for grouped convs, layers with fewer than N outputs and (policy "error")
         Cout not divisible by N, naming the layer and the fix; ``method`` names the blocks in messages.
         """
+        check_granularity(granularity)
+        check_cout_policy(cout_policy)
         if layer.kind == "conv2d" and layer.groups != 1:
             raise SelectionError(
                 f"layer {layer.name} is a grouped/depthwise conv (groups={layer.groups}); {method} blocks are defined "

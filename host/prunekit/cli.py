@@ -122,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         format_table(
             report["layers"],
             [("name", "layer"), ("shape", "shape"), ("pattern", "pattern"), ("sparsity", "sparsity"), ("dense_bytes", "dense B"),
-             ("packed_bytes", "packed B"), ("kernel", "kernel")],
+             ("packed_bytes", "packed B"), ("kernel", "kernel"), ("reason", "why dense")],
         )
     )
     line = (
@@ -151,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         format_table(
             res["layers"],
             [("name", "layer"), ("shape", "shape"), ("sparsity", "sparsity"), ("kernel", "kernel"), ("dense_ms", "dense ms"),
-             ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("max_rel_err", "max rel err")],
+             ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("max_rel_err", "max rel err"), ("reason", "why dense")],
         )
     )
     print(

@@ -93,7 +93,7 @@ def test_layout_errors_name_the_problem() -> None:
     # the mask was made for N = 4 but the selection claims N = 8
     with pytest.raises(LayoutError, match="not constant over blocks of N = 8"):
         pack_1xn(CONV, w, Selection(mask=sel4.mask, block=(8, 1, 3, 3)))
-    with pytest.raises(LayoutError, match="not supported"):
+    with pytest.raises(LayoutError, match="pack-1xn N = 3 is not a supported block height; use one of 2, 4, 8, 16, 32"):
         pack_1xn(CONV, w, Selection(mask=sel4.mask, block=(3, 1, 3, 3)))
     with pytest.raises(LayoutError, match="not a 1xN block"):
         pack_1xn(CONV, w, Selection(mask=sel4.mask, block=(4, 4, 1, 1)))

@@ -103,7 +103,11 @@ def test_storage_shrinks_with_sparsity():
 
 @pytest.mark.parametrize(
     ("block", "match"),
-    [((), "Selection.block is empty"), ((-1, 1), "negative extent"), ((16, 1, 3), "has 3 dims")],
+    [
+        ((), "Selection.block is empty"),
+        ((-1, 1), "negative extent"),
+        ((16, 1, 3), r"\[16, 1, 3\] has 3 entries but the weight \[256, 32\] has 2 dims"),
+    ],
 )
 def test_bad_block_shapes_raise_layout_error(block, match):
     layer = _layer("linear", (256, 32))

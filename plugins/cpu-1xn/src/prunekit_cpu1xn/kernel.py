@@ -15,11 +15,12 @@ import attrs
 import torch
 
 import prunekit
+from prunekit.blocks import dense_module
 from prunekit.errors import PrunekitError
 from prunekit.records import CompiledLayer, LayerInfo, Layout
 from prunekit_cpu1xn import ext
 from prunekit_cpu1xn.layout import check_n, densify, validate
-from prunekit_cpu1xn.modules import Packed1xN, dense_module
+from prunekit_cpu1xn.modules import Packed1xN
 
 FALLBACK_MODES = ("auto", "never", "always")
 ISA_CHOICES = ("auto", "avx512", "avx2")

@@ -24,16 +24,16 @@ import attrs
 import torch
 
 import prunekit
+from prunekit.blocks import check_block_height
 from prunekit.errors import LayoutError
 from prunekit.records import LayerInfo, Layout, Selection
 
 FORMAT = "pack-1xn"
-ALLOWED_N = (2, 4, 8, 16, 32)
 
 
 def check_n(n: int, what: str) -> None:
-    if n not in ALLOWED_N:
-        raise LayoutError(f"{what}: block height N = {n} is not supported by pack-1xn; use one of {ALLOWED_N}")
+    """N must be one of the host's row-block heights (the ones the kernel's inner loops are built for)."""
+    check_block_height(n, f"{what}: pack-1xn N", LayoutError)
 
 
 def block_height(layer: LayerInfo, selection: Selection) -> int:

@@ -149,20 +149,3 @@ class Packed1xN(nn.Module):
         y = self._call(xt.view(1, self.in_channels, 1, p))
         return y.view(self.out_channels, p).t().reshape(*lead, self.out_channels)
 
-
-def dense_module(layer: LayerInfo, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """The plain torch layer with the (already masked) weight: what a dense fallback runs."""
-    if layer.kind == "linear":
-        out_f, in_f = layer.weight_shape
-        mod: nn.Module = nn.Linear(in_f, out_f, bias=bias is not None)
-    else:
-        cout, cin, kh, kw = layer.weight_shape
-        mod = nn.Conv2d(
-            cin, cout, (kh, kw), stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-            groups=layer.groups, bias=bias is not None,
-        )  # fmt: skip
-    with torch.no_grad():
-        mod.weight.copy_(weight)
-        if bias is not None:
-            mod.bias.copy_(bias)
-    return mod.eval()

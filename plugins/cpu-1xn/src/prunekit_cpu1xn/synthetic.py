@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from prunekit.blocks import RowBlocks
 from prunekit.records import LayerInfo, Selection
 
 
@@ -28,8 +29,10 @@ def random_selection(
     shape = tuple(layer.weight_shape)
     m, cin = shape[0], shape[1]
     taps = shape[2] * shape[3] if len(shape) == 4 else 1
-    nbr = -(-m // n)
     units = cin if runs else cin * taps
+    # built directly, not with RowBlocks.of: tests want any Cout here, even Cout < N (no cout_policy)
+    grid = RowBlocks(layer.name, shape, n, units, taps if runs else 1)
+    nbr = grid.rows
     if uniform:
         nk = min(units, max(1, round(units * (1.0 - sparsity))))
         order = torch.rand(nbr, units, generator=generator).argsort(dim=1)
@@ -37,9 +40,7 @@ def random_selection(
         keep.scatter_(1, order[:, :nk], True)
     else:
         keep = torch.rand(nbr, units, generator=generator) >= sparsity
-    if runs:
-        keep = keep[:, :, None].expand(nbr, cin, taps).reshape(nbr, cin * taps)
-    rows = keep[:, None, :].expand(nbr, n, cin * taps).reshape(nbr * n, cin * taps)[:m]
+    rows = grid.expand(keep).reshape(m, cin * taps)
     perm = torch.randperm(m, generator=generator) if permute else None
     mask = torch.empty(m, cin * taps, dtype=torch.bool)
     if perm is None:
@@ -47,10 +48,5 @@ def random_selection(
     else:
         mask[perm] = rows
     p1 = torch.randperm(cin, generator=generator) if permute_inputs else None
-    if len(shape) == 4:
-        block = (n, 1, shape[2], shape[3]) if runs else (n, 1, 1, 1)
-        perms: tuple = (perm, p1, None, None)
-    else:
-        block = (n, 1)
-        perms = (perm, p1)
-    return Selection(mask=mask.reshape(shape), perms=perms, block=block, meta={"synthetic": True})
+    perms = (perm, p1, None, None) if len(shape) == 4 else (perm, p1)
+    return Selection(mask=mask.reshape(shape), perms=perms, block=grid.block, meta={"synthetic": True})

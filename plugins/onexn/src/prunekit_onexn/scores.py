@@ -12,13 +12,14 @@ import math
 import torch
 
 from prunekit import hookimpl
+from prunekit.blocks import RowBlocks
 from prunekit.records import LayerInfo
-from prunekit_onexn.geometry import BlockGrid, filter_order
+from prunekit_onexn.geometry import filter_order
 from prunekit_onexn.params import OneXNParams
 
 
 def _grid_and_blocks(layer: LayerInfo, weight: torch.Tensor, params: OneXNParams):  # noqa: ANN202
-    grid = BlockGrid.of(layer, params.n, params.granularity, params.cout_policy)
+    grid = RowBlocks.of(layer, params.n, params.granularity, params.cout_policy)
     if grid is None:
         return None, None
     w = weight.detach()
@@ -72,7 +73,7 @@ class BlockRandom:
     def prunekit_score(
         self, layer: LayerInfo, weight: torch.Tensor, params: OneXNParams, generator: torch.Generator
     ) -> torch.Tensor:
-        grid = BlockGrid.of(layer, params.n, params.granularity, params.cout_policy)
+        grid = RowBlocks.of(layer, params.n, params.granularity, params.cout_policy)
         if grid is None:
             return _no_grid()
         rows, cols = grid.shape

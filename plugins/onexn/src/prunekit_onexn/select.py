@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from prunekit import hookimpl
+from prunekit.blocks import RowBlocks
 from prunekit.errors import SelectionError
 from prunekit.records import LayerInfo, Selection
-from prunekit_onexn.geometry import BlockGrid, filter_order
+from prunekit_onexn.geometry import filter_order
 from prunekit_onexn.params import OneXNParams
 
 PATTERN = "1xN: N consecutive output channels x one input channel"
@@ -36,7 +37,7 @@ class OneXNSelect:
     def prunekit_select_mask(
         self, layer: LayerInfo, weight: torch.Tensor, scores: torch.Tensor, sparsity: float, params: OneXNParams
     ) -> Selection:
-        grid = BlockGrid.of(layer, params.n, params.granularity, params.cout_policy)
+        grid = RowBlocks.of(layer, params.n, params.granularity, params.cout_policy)
         if grid is None:
             return Selection(
                 mask=torch.ones(weight.shape, dtype=torch.bool),
@@ -75,7 +76,7 @@ class OneXNSelect:
         return Selection(mask=mask, perms=perms, block=grid.block, pattern=meta["pattern"], meta=meta)
 
 
-def _bottom_k(scores: torch.Tensor, grid: BlockGrid, sparsity: float) -> tuple[torch.Tensor, int]:
+def _bottom_k(scores: torch.Tensor, grid: RowBlocks, sparsity: float) -> tuple[torch.Tensor, int]:
     flat = scores.reshape(-1)
     order = torch.argsort(flat, stable=True)
     if grid.ragged:

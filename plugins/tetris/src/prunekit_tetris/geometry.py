@@ -9,6 +9,7 @@ from typing import Literal
 import attrs
 
 from prunekit import SelectionError
+from prunekit.blocks import resolve_block
 
 Policy = Literal["error", "pad", "shrink"]
 POLICIES: tuple[str, ...] = ("error", "pad", "shrink")
@@ -71,17 +72,10 @@ def _shrink(n: int, b: int) -> int:
 
 
 def plan_blocks(shape: tuple[int, ...], block: tuple[int, ...], policy: str, layer: str, entry: str = "") -> BlockPlan:
-    """Resolve ``block`` (0 = whole dim) for ``shape`` under the non-divisible ``policy``."""
-    if len(block) != len(shape):
-        raise SelectionError(
-            f"layer {layer}{entry}: block {list(block)} has {len(block)} entries but the weight {list(shape)} "
-            f"has {len(shape)} dims; give one block size per dim (0 = whole dim)"
-        )
+    """Resolve ``block`` (0 = whole dim, the host's rule) for ``shape`` under the non-divisible ``policy``."""
+    resolved = resolve_block(shape, block, f"layer {layer}{entry}")
     out, padded, shrunk = [], [], {}
-    for dim, (n, b) in enumerate(zip(shape, block)):
-        if b < 0:
-            raise SelectionError(f"layer {layer}{entry}: block size {b} for dim {dim} is negative; use 0 (whole dim) or a positive size")
-        b = n if b == 0 else b
+    for dim, (n, b) in enumerate(zip(shape, resolved)):
         if n % b == 0:
             out.append(b)
             padded.append(n)

@@ -6,31 +6,13 @@ import warnings
 
 import attrs
 import torch
-from torch import nn
 
 from prunekit import hookimpl
+from prunekit.blocks import dense_module
 from prunekit.errors import LayoutError, PrunekitError
 from prunekit.records import CompiledLayer, LayerInfo, Layout
 from prunekit_triton.layout import FORMAT, densify
 from prunekit_triton.modules import DTYPES, PRECISIONS, TritonBlockConv2d, TritonBlockLinear, interpreter_enabled
-
-
-def dense_module(layer: LayerInfo, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A plain nn.Linear / nn.Conv2d holding the masked dense weight (same function, no sparsity)."""
-    kw = dict(device=weight.device, dtype=weight.dtype)
-    if layer.kind == "linear":
-        mod: nn.Module = nn.Linear(layer.weight_shape[1], layer.weight_shape[0], bias=bias is not None, **kw)
-    else:
-        cout, cin, kh, kwid = layer.weight_shape
-        mod = nn.Conv2d(
-            cin, cout, (kh, kwid), stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-            groups=layer.groups, bias=bias is not None, **kw,
-        )  # fmt: skip
-    with torch.no_grad():
-        mod.weight.copy_(weight)
-        if bias is not None:
-            mod.bias.copy_(bias)
-    return mod
 
 
 def runtime_mode() -> tuple[str | None, str]:

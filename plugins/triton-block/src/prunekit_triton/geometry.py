@@ -21,6 +21,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from prunekit import blocks
 from prunekit.errors import LayoutError
 from prunekit.records import LayerInfo, Selection
 
@@ -51,22 +52,14 @@ def _perm(selection: Selection, dim: int, n: int, layer: LayerInfo) -> torch.Ten
 
 
 def resolve_block(layer: LayerInfo, selection: Selection) -> tuple[int, ...]:
-    shape = tuple(layer.weight_shape)
-    block = tuple(int(b) for b in selection.block)
-    if not block:
+    """The Selection's block with 0 ("whole dim") resolved by the host's rule; an empty block is refused
+    here because only a kernel layout needs one."""
+    if not selection.block:
         raise LayoutError(
             f"layer {layer.name}: Selection.block is empty; the triton-block layout needs the block shape "
             f"(e.g. (32, 32) or (N, 1, kh, kw)) from the select component"
         )
-    if len(block) != len(shape):
-        raise LayoutError(
-            f"layer {layer.name}: Selection.block {block} has {len(block)} dims but the weight {shape} has "
-            f"{len(shape)}; give one block extent per weight dim"
-        )
-    resolved = tuple(n if b == 0 else b for b, n in zip(block, shape))
-    if any(b < 0 for b in resolved):
-        raise LayoutError(f"layer {layer.name}: Selection.block {block} has a negative extent")
-    return resolved
+    return blocks.resolve_block(layer.weight_shape, selection.block, f"layer {layer.name} (Selection.block)", LayoutError)
 
 
 def geometry(layer: LayerInfo, selection: Selection) -> Geometry:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from prunekit.blocks import resolve_block
 from prunekit.records import LayerInfo, Selection
 
 
@@ -24,7 +25,7 @@ def random_block_selection(
     over the whole layer (non-uniform). The last row-block may be partial when Cout % block[0] != 0."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     shape = tuple(layer.weight_shape)
-    blk = tuple(n if b == 0 else b for b, n in zip(block, shape))
+    blk = resolve_block(shape, block, f"layer {layer.name}")
     nrb = -(-shape[0] // blk[0])
     inner = [n // b for n, b in zip(shape[1:], blk[1:])]
     if any(n % b for n, b in zip(shape[1:], blk[1:])):
