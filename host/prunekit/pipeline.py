@@ -59,7 +59,9 @@ class HostParams:
     ``exclude`` glob; grouped/depthwise convs are skipped; ``keep_first_dense`` / ``keep_last_dense``
     leave the first conv and the final classifier dense. ``calibration_batches``: how many seeded
     training batches ``prunekit run`` draws for components that need data. ``tolerance``: overrides the
-    kernel component's accepted relative error of the compiled model.
+    kernel component's accepted relative error of the compiled model. ``strict``: a layer the select
+    stage cannot take (``SelectionError``: Cout not divisible by N, depthwise, too small) fails the run;
+    by default it stays dense and the report says why.
     """
 
     sparsity: float = 0.5
@@ -77,6 +79,7 @@ class HostParams:
     batch_size: int = 64
     calibration_batches: int = 4
     tolerance: float | None = None
+    strict: bool = False
 
     def __attrs_post_init__(self) -> None:
         check_sparsity(self.sparsity, "sparsity")
@@ -531,21 +534,26 @@ class Pipeline:
         stats = self._stats()
         all_scores: dict[str, torch.Tensor] = {}
         weights: dict[str, torch.Tensor] = {}
+        unscored: dict[str, str] = {}  # layers the score stage cannot take (kept dense unless strict)
         for name, st in self.layers.items():
             w = raw_weight(st.module).detach()
             weights[name] = w
             mask = mask_of(st.module).mask.bool() if st.selection is not None else None
-            all_scores[name] = self._call(
-                "score", name, layer=st.info, weight=w, mask=mask, params=sp,
-                generator=self._generator(step, st.info.index), stats=stats.get(name),
-            )  # fmt: skip
+            try:
+                all_scores[name] = self._call(
+                    "score", name, layer=st.info, weight=w, mask=mask, params=sp,
+                    generator=self._generator(step, st.info.index), stats=stats.get(name),
+                )  # fmt: skip
+            except SelectionError as exc:
+                if self.host.strict:
+                    raise
+                unscored[name] = str(exc)
         out = {}
         for name, st in self.layers.items():
-            sel = self._call(
-                "select", name, layer=st.info, weight=weights[name], scores=all_scores[name], sparsity=sparsity,
-                target=max(self.host.sparsity, sparsity), previous=st.selection, params=ss,
-                generator=self._generator(step + 1_000_003, st.info.index), all_scores=all_scores, stats=stats.get(name),
-            )  # fmt: skip
+            if name in unscored:
+                sel = Selection(mask=torch.ones_like(weights[name], dtype=torch.bool), dense_reason=unscored[name])
+            else:
+                sel = self._select(name, st, weights[name], all_scores, sparsity, step, ss, stats.get(name))
             if sel.mask.shape != weights[name].shape or sel.mask.dtype != torch.bool:
                 raise SelectionError(
                     f"select component '{self.spec.select}' returned a {sel.mask.dtype} mask of shape "
@@ -555,6 +563,20 @@ class Pipeline:
             st.selection = sel
             out[name] = sel
         return out
+
+    def _select(self, name: str, st: LayerState, weight: torch.Tensor, all_scores: dict[str, torch.Tensor],
+                sparsity: float, step: int, params: Any, stats: LayerStats | None) -> Selection:  # fmt: skip
+        """One layer's select call; a layer it cannot take stays dense with the reason (unless strict)."""
+        try:
+            return self._call(
+                "select", name, layer=st.info, weight=weight, scores=all_scores[name], sparsity=sparsity,
+                target=max(self.host.sparsity, sparsity), previous=st.selection, params=params,
+                generator=self._generator(step + 1_000_003, st.info.index), all_scores=all_scores, stats=stats,
+            )  # fmt: skip
+        except SelectionError as exc:
+            if self.host.strict:
+                raise
+            return Selection(mask=torch.ones_like(weight, dtype=torch.bool), dense_reason=str(exc))
 
     def sparsity(self) -> float:
         """Fraction of all selected layers' weights currently pruned (0 before the first selection)."""

@@ -299,8 +299,14 @@ def test_pipeline_rejects_bad_n_at_load(make_pipeline) -> None:  # noqa: ANN001
         make_pipeline("onexn-l1", "n = 5")
 
 
-def test_pipeline_rejects_selected_grouped_conv(make_pipeline) -> None:  # noqa: ANN001
+def test_a_selected_grouped_conv_stays_dense_with_the_reason_or_fails_when_strict(make_pipeline) -> None:  # noqa: ANN001
     pipe = make_pipeline("onexn-l1", "n = 4\nskip_grouped = false")
     pipe.attach(Net())
+    pipe.step(0)
+    sel = pipe.layers["dw"].selection
+    assert sel.mask.all() and "layer dw" in sel.dense_reason and "grouped" in sel.dense_reason
+    assert pipe.layers["body"].selection.sparsity > 0  # the other layers are still pruned
+    strict = make_pipeline("onexn-l1", "n = 4\nskip_grouped = false\nstrict = true")
+    strict.attach(Net())
     with pytest.raises(SelectionError, match="layer dw .*grouped"):
-        pipe.step(0)
+        strict.step(0)

@@ -13,7 +13,7 @@ from prunekit_tetris.config import load_config
 from torch import nn
 
 import prunekit.pipeline
-from prunekit import LayerInfo, ScheduleDecision, SelectionError, hookimpl
+from prunekit import LayerInfo, PrunekitError, ScheduleDecision, SelectionError, hookimpl
 from prunekit.errors import RegistryError
 from prunekit.masking import raw_weight
 from prunekit.pipeline import Pipeline
@@ -43,7 +43,7 @@ def info(shape, index=0, count=1, name="features.0"):  # noqa: ANN001, ANN201
 
 def test_config_for_another_architecture_is_one_clear_error():
     cfg = load_config("published", "vgg16")
-    with pytest.raises(SelectionError, match=r"config 'vgg16'.*16 entries but the pipeline selects 7 layers.*another architecture"):
+    with pytest.raises(PrunekitError, match=r"config 'vgg16'.*16 entries but the pipeline selects 7 layers.*another architecture"):
         cfg.entry(info((32, 32, 3, 3), 0, 7, "layer1.conv1"))
     with pytest.raises(SelectionError, match="no architecture 'resnet18'.*alexnet, vgg16, vgg16_bn"):
         TetrisParams(config="published", arch="resnet18")
@@ -201,5 +201,5 @@ def test_pipeline_param_errors_name_the_key(registry):
 def test_pipeline_with_published_config_on_the_wrong_model(registry):
     pipe = Pipeline.load("t", registry("tetris", 'config = "published"\narch = "vgg16"\nkeep_first_dense = false\nkeep_last_dense = false\n'))
     pipe.attach(Net())
-    with pytest.raises(SelectionError, match="16 entries but the pipeline selects 4 layers"):
+    with pytest.raises(PrunekitError, match="16 entries but the pipeline selects 4 layers"):
         pipe.prune(0.5)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import attrs
 
-from prunekit import LayerInfo, SelectionError
+from prunekit import LayerInfo, PrunekitError, SelectionError
 
 PUBLISHED = "published"
 
@@ -36,8 +36,8 @@ class ArchConfig:
     def entry(self, layer: LayerInfo) -> tuple[tuple[int, ...], float]:
         """This layer's (block sizes, rate), checked against the layer; SelectionError names the entry."""
         where = f"config '{self.arch}' ({self.source})"
-        if len(self.block_sizes) != layer.count:
-            raise SelectionError(
+        if len(self.block_sizes) != layer.count:  # the config does not fit this model: a pipeline error, not a layer's
+            raise PrunekitError(
                 f"{where} has {len(self.block_sizes)} entries but the pipeline selects {layer.count} layers of this "
                 f"model (at layer {layer.name}): it describes another architecture, or include/exclude/"
                 "keep_first_dense/keep_last_dense changed the selection; use the config of this model"
