@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): $(SETUP_INPUTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]" $(foreach p,$(PLUGINS),-e $(p))
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,runtimes,plots]" $(foreach p,$(PLUGINS),-e $(p))
 	touch $(STAMP)
 
 run: setup
