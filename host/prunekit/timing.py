@@ -38,3 +38,26 @@ def interleaved_medians(
         q = statistics.quantiles(s, n=4) if len(s) >= 4 else [min(s), statistics.median(s), max(s)]
         out[n] = {"median_ms": statistics.median(s), "q1_ms": q[0], "q3_ms": q[2], "repeats": len(s)}
     return out
+
+
+def cpu_model() -> str:
+    """The CPU model string (every results table prints it: sessions land on different machines)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_isa() -> str:
+    """The widest x86 SIMD extensions this CPU reports (avx512f / avx2 / amx), for results tables."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    names = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    return " ".join(names) or "no AVX2"

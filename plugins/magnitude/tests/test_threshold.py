@@ -57,10 +57,10 @@ def test_quantile_prunes_exactly_below_threshold(layer: LayerInfo, sparsity: flo
     assert sel.mask.dtype == torch.bool and sel.mask.shape == w.shape
 
 
-def test_ties_stay_within_tolerance() -> None:
-    # many equal magnitudes straddling the quantile: strict rule keeps all of them
+def test_ties_stay_within_tolerance_under_the_strict_rule() -> None:
+    # many equal magnitudes straddling the quantile: the strict rule (ties = "keep") keeps all of them
     w = torch.tensor([0.1] * 10 + [0.5] * 20 + [0.9] * 10).reshape(4, 10)
-    sel = select(LayerInfo("t", "linear", (4, 10)), w, score(w), 0.5)  # k = 20 lands inside the 0.5 run
+    sel = select(LayerInfo("t", "linear", (4, 10)), w, score(w), 0.5, ties="keep")  # k = 20 lands inside the 0.5 run
     n, ties = w.numel(), 20
     assert sel.meta["threshold"] == 0.5
     assert int((~sel.mask).sum()) == 10
@@ -154,3 +154,24 @@ def test_std_rule_global_uses_pooled_rms() -> None:
     sb = select(lb, b, scores["b"], 0.5, all_scores=scores, scope="global", rule="std", quality=0.5)
     assert sa.meta["threshold"] == sb.meta["threshold"] == pytest.approx(0.5 * rms)
     assert torch.equal(sa.mask, a.abs() >= sa.meta["threshold"])
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_ties_are_broken_by_index_for_an_exact_count_or_kept_when_asked(scope: str) -> None:
+    # 60 % of the scores are exactly 0 (inputs that are always zero give data-aware scores of 0)
+    a, b = LayerInfo("a", "linear", (10, 10)), LayerInfo("b", "linear", (10, 10), index=1, count=2)
+    sa = torch.cat([torch.zeros(60), torch.rand(40) + 1]).reshape(10, 10)
+    sb = torch.cat([torch.zeros(60), torch.rand(40) + 1]).reshape(10, 10)
+    all_scores = {"a": sa, "b": sb}
+    broken = [Threshold().prunekit_select_mask(info, s, s, 0.5, 0.5, None, Threshold.Params(scope=scope), all_scores)
+              for info, s in ((a, sa), (b, sb))]  # fmt: skip
+    pruned = sum(int((~sel.mask).sum()) for sel in broken)
+    assert pruned == 100  # exactly half of 200, not the 0 the strict rule leaves
+    if scope == "layer":
+        assert all(int((~sel.mask).sum()) == 50 for sel in broken)
+        assert torch.equal(~broken[0].mask.flatten(), torch.arange(100) < 50)  # the first ties in index order
+    else:
+        assert int((~broken[0].mask).sum()) == 60 and int((~broken[1].mask).sum()) == 40  # layer a comes first
+    kept = [Threshold().prunekit_select_mask(info, s, s, 0.5, 0.5, None, Threshold.Params(scope=scope, ties="keep"), all_scores)
+            for info, s in ((a, sa), (b, sb))]  # fmt: skip
+    assert all(sel.mask.all() for sel in kept)  # strict score < 0: nothing is below the threshold

@@ -3,9 +3,13 @@
 The threshold comes from one of two rules:
 
 * ``quantile`` (default): the score of rank ``k = round(sparsity * n)`` in ascending order, so the ``k``
-  smallest are pruned; ties at the threshold are kept (prune iff ``score < t``), which leaves the achieved
-  sparsity at most ``ties / n`` below the request. ``scope = "global"`` takes one threshold over all
-  selected layers' scores pooled (layers end up with different sparsities, the total hits the request).
+  smallest are pruned. Weights tied at the threshold: ``ties = "break"`` (default) prunes the first of
+  them in index order (layer order, then flat index, for ``global``) so exactly ``k`` are pruned;
+  ``ties = "keep"`` is Han's strict ``score < t`` and keeps them all, which leaves the achieved sparsity
+  up to ``ties / n`` below the request -- with data-aware scores many weights score exactly 0 (inputs
+  that are always zero), and the strict rule then prunes far less than asked. ``scope = "global"`` takes
+  one threshold over all selected layers' scores pooled (layers end up with different sparsities, the
+  total hits the request).
 * ``std`` (Han's ``q * std(W)``): ``t = quality * (sparsity / target) * spread``, with ``spread`` the
   standard deviation of the layer's dense weight at its first selection (``global``: the RMS of all
   layers' weights pooled) and ``quality`` Han's per-layer quality parameter (``layer_quality`` maps layer
@@ -46,6 +50,18 @@ def _pooled(all_scores: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([s.detach().reshape(-1).float().cpu() for s in all_scores.values()])
 
 
+def tied_to_prune(flat: torch.Tensor, t: float, k: int, offset: int, size: int) -> torch.Tensor:
+    """Bool over ``flat[offset:offset+size]``: the entries equal to ``t`` that exact-count pruning takes
+    (the first ``k - count(flat < t)`` ties of ``flat`` in index order)."""
+    need = k - int((flat < t).sum())
+    tied = flat == t
+    if need <= 0 or not math.isfinite(t):
+        return torch.zeros(size, dtype=torch.bool)
+    rank = torch.cumsum(tied.to(torch.int64), 0) - 1  # tie rank of each tied entry, in index order
+    pick = tied & (rank < need)
+    return pick[offset : offset + size]
+
+
 class Threshold:
     """Prune |w| < t: t from the sparsity quantile (layer or global) or Han's q*std(W); nested masks."""
 
@@ -56,8 +72,11 @@ class Threshold:
         quality: float = 1.0
         layer_quality: dict[str, float] = attrs.field(factory=dict)
         regrow: bool = False
+        ties: str = "break"
 
         def __attrs_post_init__(self) -> None:
+            if self.ties not in ("break", "keep"):
+                raise SelectionError(f"ties = {self.ties!r} is unknown; use \"break\" (exact count) or \"keep\" (strict score < t)")
             if self.scope not in SCOPES:
                 raise SelectionError(f"scope = {self.scope!r} is unknown; use \"layer\" or \"global\"")
             if self.rule not in RULES:
@@ -91,9 +110,17 @@ class Threshold:
                 f"{tuple(scores.shape)}; pair it with a per-weight score such as 'magnitude'"
             )
         meta: dict = {"criterion": "magnitude", "rule": p.rule, "scope": p.scope, "requested_sparsity": sparsity}
+        tie_break = None
         if p.rule == "quantile":
-            flat = scores.reshape(-1) if p.scope == "layer" else _pooled(all_scores)
+            flat = scores.reshape(-1).float().cpu() if p.scope == "layer" else _pooled(all_scores)
             t = quantile_threshold(flat, sparsity)
+            if p.ties == "break":
+                offset = 0
+                if p.scope == "global":
+                    names = list(all_scores)
+                    offset = sum(all_scores[n].numel() for n in names[: names.index(layer.name)])
+                k = int(math.floor(sparsity * flat.numel() + 0.5))
+                tie_break = tied_to_prune(flat, t, k, offset, scores.numel()).reshape(scores.shape).to(scores.device)
         else:
             spread = previous.meta.get("spread") if previous is not None else None
             if spread is None:  # first selection: the dense weight's spread, kept for every later round
@@ -106,6 +133,9 @@ class Threshold:
             t = q * ramp * spread
             meta.update(spread=spread, quality=q)
         keep = scores >= t
+        if tie_break is not None:
+            keep &= ~tie_break
+            meta["ties_broken"] = int(tie_break.sum())
         if previous is not None and not p.regrow:
             keep &= previous.mask.to(keep.device)  # never un-prune: mask_{t+1} is a subset of mask_t
         kept = int(keep.sum())
