@@ -8,14 +8,20 @@ columns. The list is cut into chunks of ``bk`` columns (one ``tl.dot`` each); a 
   kernel's ``[bk, bm]`` tile is a plain 2-D load).
 
 ``crow[b]..crow[b+1]`` are row-block ``b``'s chunks and ``rows[b, m]`` the original output row it writes (``-1``
-= padding when Cout is not a multiple of ``bm``). Both permutations of the Selection are thereby folded into
-index arrays: the kernel reads input column ``cols[j]`` and writes output row ``rows[r]``.
+= padding when Cout is not a multiple of ``bm``, or a group's last row-block with ``group_rows``). Both
+permutations of the Selection are thereby folded into index arrays: the kernel reads input column ``cols[j]``
+and writes output row ``rows[r]``.
 
 This one format is b x b BSR (a block = ``b`` columns = one chunk of ``bk = b``), rectangular TETRIS blocks
 (a 32 x 32 x 3x3 conv block = 288 columns = 9 chunks of 32), and 1xN rows (a block = one column, or one run
 of kh*kw columns for conv; kept columns of a block-row packed ``bk`` at a time, zero-padded to a multiple of
 ``bk``). Rows with equal chunk counts (SUBP) give a uniform layout (``meta["uniform"]``); otherwise row-blocks
 are stored longest first, so the longest sums start first on the GPU.
+
+``group_rows`` (Params; see ``geometry``): rows are grouped by identical kept-column support instead of by the
+Selection's block shape (Structural-LTH Regroup, which states none), each group padded to a multiple of ``bm``
+rows, so every row-block's column list is exactly its group's columns. ``meta`` then reports ``groups``,
+``zero_rows``, ``padded_rows`` (``-1`` rows of working row-blocks: stored zeros) and ``padding_waste``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from prunekit import hookimpl
 from prunekit.errors import LayoutError
 from prunekit.records import LayerInfo, Layout, Selection
-from prunekit_triton.geometry import geometry
+from prunekit_triton.geometry import check_group_height, geometry
 
 FORMAT = "triton-block"
 CHUNKS = (16, 32, 64)  # tl.dot needs K >= 16; powers of two for tl.arange
@@ -48,15 +54,19 @@ def auto_chunk(block: tuple[int, ...], counts: torch.Tensor) -> int:
     return 16 if slots(32) > 1.1 * slots(16) else 32
 
 
-def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: int = 0) -> Layout:
-    """Pack ``weight * selection.mask`` into the triton-block layout (see the module docstring)."""
+def pack(
+    layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: int = 0, group_rows: bool = False,
+    bm: int = 32,
+) -> Layout:  # fmt: skip
+    """Pack ``weight * selection.mask`` into the triton-block layout (see the module docstring); ``bm`` is the
+    row-block height of ``group_rows`` (the block shape gives it otherwise)."""
     shape = tuple(layer.weight_shape)
     if tuple(weight.shape) != shape or tuple(selection.mask.shape) != shape:
         raise LayoutError(
             f"layer {layer.name}: weight {tuple(weight.shape)} / mask {tuple(selection.mask.shape)} do not match "
             f"the layer's weight shape {shape}"
         )
-    geo = geometry(layer, selection)
+    geo = geometry(layer, selection, group_rows=group_rows, bm=bm)
     if chunk and chunk not in CHUNKS:
         raise LayoutError(f"layer {layer.name}: chunk = {chunk} is not a tl.dot K tile; use one of {CHUNKS} (0 = auto)")
     dev = weight.device
@@ -64,13 +74,12 @@ def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: in
     bm = geo.bm
     mask2 = selection.mask.to(dev).reshape(m, k).bool()
     w2 = (weight.detach() * mask2.reshape(shape).to(weight.dtype)).reshape(m, k)
-    ro, co = geo.row_order.to(dev), geo.col_order.to(dev)
-    wp, mp = w2[ro][:, co], mask2[ro][:, co]
-    nrb = -(-m // bm)
-    pad = nrb * bm - m
-    if pad:
-        wp = torch.cat([wp, wp.new_zeros(pad, k)])
-        mp = torch.cat([mp, mp.new_zeros(pad, k)])
+    slots, co = geo.slots.to(dev), geo.col_order.to(dev)
+    nrb = slots.numel() // bm
+    real = (slots >= 0)[:, None]
+    src = slots.clamp(min=0)
+    wp = torch.where(real, w2[src][:, co], w2.new_zeros(()))
+    mp = mask2[src][:, co] & real
     keep = mp.view(nrb, bm, k).any(1)  # union of kept columns per row-block (exact for any mask)
     counts = keep.sum(1)
     bk = chunk or auto_chunk(geo.block, counts)
@@ -93,7 +102,7 @@ def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: in
     vals_c = vals.view(nrb, bm, maxch, bk).permute(0, 2, 3, 1)[present]  # [nchunks, bk, bm]
     crow = torch.zeros(nrb + 1, dtype=torch.int32, device=dev)
     crow[1:] = torch.cumsum(nch_o, 0)
-    rows = torch.cat([ro, torch.full((pad,), -1, dtype=torch.long, device=dev)]).view(nrb, bm)[order]
+    rows = slots.view(nrb, bm)[order]
     uniform = bool(nrb == 0 or bool((nch == nch[0]).all()))
     # share of neighbouring gathered columns that are adjacent in memory (b x b: ~1, scattered 1xN: ~0)
     pairs = (cols_c[:, 1:] >= 0) & (cols_c[:, :-1] >= 0)
@@ -119,10 +128,25 @@ def pack(layer: LayerInfo, weight: torch.Tensor, selection: Selection, chunk: in
         "kept": kept,
         "fill": kept / max(1, int(crow[-1]) * bk * bm),  # share of stored slots that hold kept weights
         "contiguous": contiguous,
-        "column_order": "block-major; (kh, kw, cin) inside a block",
+        "column_order": "(cin, kh, kw)" if group_rows else "block-major; (kh, kw, cin) inside a block",
         "gemm_shape": [m, k],
     }
+    if group_rows:
+        meta.update(group_rows=True, **geo.groups, **padding_meta(slots.view(nrb, bm), nch, bk))
     return Layout(format=FORMAT, dense_shape=shape, tensors=tensors, meta=meta)
+
+
+def padding_meta(rows: torch.Tensor, nch: torch.Tensor, bk: int) -> dict[str, float | int]:
+    """What grouping costs: ``-1`` rows of row-blocks that do work store (and multiply) zeros over every chunk."""
+    pad = (rows < 0).sum(1)
+    working = nch > 0
+    stored = int((nch * bk).sum()) * rows.shape[1]
+    wasted = int((pad * nch * bk).sum())
+    return {
+        "padded_rows": int(pad[working].sum()),
+        "padded_weights": wasted,
+        "padding_waste": wasted / max(1, stored),
+    }
 
 
 def densify(layout: Layout) -> torch.Tensor:
@@ -149,11 +173,15 @@ class TritonBlockLayout:
     @attrs.define
     class Params:
         chunk: int = 0  # columns per tl.dot step: 16, 32 or 64; 0 = auto from the block shape
+        group_rows: bool = False  # rows of identical support form row-blocks (Regroup); no block shape needed
+        bm: int = 32  # group_rows row-block height: 16, 32 or 64
 
         def __attrs_post_init__(self) -> None:
             if self.chunk not in (0, *CHUNKS):
                 raise LayoutError(f"chunk = {self.chunk}: use 0 (auto) or one of {CHUNKS} (tl.dot needs K >= 16)")
+            check_group_height(self.bm)
 
     @hookimpl
     def prunekit_transform_layout(self, layer: LayerInfo, weight: torch.Tensor, selection: Selection, params: Params | None) -> Layout:
-        return pack(layer, weight, selection, chunk=params.chunk if params is not None else 0)
+        p = params if params is not None else TritonBlockLayout.Params()
+        return pack(layer, weight, selection, chunk=p.chunk, group_rows=p.group_rows, bm=p.bm)
