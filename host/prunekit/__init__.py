@@ -8,6 +8,7 @@ from prunekit.errors import (
     RegistryError,
     SelectionError,
 )
+from prunekit.export import load_compiled, read_manifest
 from prunekit.hookspecs import hookimpl
 from prunekit.records import CompiledLayer, LayerInfo, Layout, ScheduleDecision, Selection
 
@@ -26,7 +27,9 @@ __all__ = [
     "Selection",
     "SelectionError",
     "hookimpl",
+    "load_compiled",
     "load_pipeline",
+    "read_manifest",
 ]
 
 
@@ -35,3 +38,4 @@ def load_pipeline(name: str | None = None, registry: str | None = None):  # noqa
     from prunekit.pipeline import Pipeline
 
     return Pipeline.load(name, registry)
+

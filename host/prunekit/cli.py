@@ -1,4 +1,4 @@
-"""The `prunekit` command: plugins, pipelines, run, bench."""
+"""The `prunekit` command: plugins, pipelines, run, bench, export."""
 
 from __future__ import annotations
 
@@ -118,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         latency_batch=args.batch,
         log=lambda m: print(m, file=sys.stderr),
     )
+    if report.get("rank", 0):  # another torchrun process: rank 0 prints the table
+        return 0
     print(
         format_table(
             report["layers"],
@@ -159,6 +161,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"dense {res['model_dense_ms']:.3f} ms, sparse {res['model_sparse_ms']:.3f} ms, speedup {res['speedup']:.2f}x, "
         f"max rel err {res['max_rel_err']:.2e}, select {res['select_s']:.2f} s"
     )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from prunekit.export import export_run
+
+    res = export_run(args.run_dir, out=args.out, onnx=args.onnx, registry=args.registry)
+    ex = res.exported
+    counts: dict[str, int] = {}
+    for kernel in ex.kernels.values():
+        counts[kernel] = counts.get(kernel, 0) + 1
+    kernels = ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "none (masked dense)"
+    print(f"compiled {len(ex.kernels)} layers ({kernels}): max rel err {res.compiled_rel_err:.2e} against the masked dense model")
+    print(f"wrote {ex.path} ({ex.nbytes / 1e6:.2f} MB); reloaded into a fresh {ex.manifest['model']['factory']}: "
+          f"max rel err {res.reload_rel_err:.2e}")  # fmt: skip
+    if res.onnx is not None:
+        o = res.onnx
+        print(f"wrote {o.path} (masked dense, opset {o.opset}, dynamic batch): onnxruntime vs PyTorch at batch {o.batch}: "
+              f"max rel err {o.max_rel_err:.2e}")  # fmt: skip
+    m = ex.manifest["model"]
+    print(f"load it: prunekit.load_compiled(prunekit.models.build_model({m['factory']!r}, {m['num_classes']}), {str(ex.path)!r})")
     return 0
 
 
@@ -226,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-layers", action="store_true", help="time only the whole model")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("export", help="write a run's compiled model as one safetensors file (and the masked dense model as ONNX)")
+    sp.add_argument("run_dir", help="a directory `prunekit run --out DIR` wrote (report.json, state.pt, pruned.pt)")
+    sp.add_argument("--out", default=None, help="artifact file (default: RUN_DIR/compiled.safetensors)")
+    sp.add_argument("--onnx", default=None, metavar="FILE", help="also export the masked dense model to ONNX, checked in onnxruntime")
+    sp.add_argument("--registry", default=None)
+    sp.set_defaults(func=cmd_export)
     return p
 
 

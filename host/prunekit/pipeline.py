@@ -171,6 +171,62 @@ def mask_keys(model: nn.Module) -> set[str]:
     return {f"{name}.mask" for name, mod in model.named_modules() if isinstance(mod, WeightMask)}
 
 
+def plugin_manager() -> pluggy.PluginManager:
+    """An empty plugin manager holding prunekit's stage hookspecs."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def load_component(pm: pluggy.PluginManager, stage: str, info: ComponentInfo) -> Any:
+    """Instantiate one installed component and register it in ``pm``; a broken plugin is one RegistryError
+    naming it (shared by Pipeline and prunekit.export.load_compiled)."""
+    info.check_unique()
+    where = f"component {stage}.{info.name} from {info.distribution}"
+    try:
+        obj = info.load()()
+    except Exception as exc:  # a broken plugin must not look like a host bug
+        raise RegistryError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
+    hook = hookspecs.STAGE_GROUPS[stage][1]
+    if not hasattr(obj, hook):
+        raise RegistryError(f"{where} does not implement {hook}; add a method {hook} decorated with @prunekit.hookimpl")
+    try:
+        pm.register(obj, name=f"{stage}:{info.name}")
+    except pluggy.PluginValidationError as exc:
+        spec_args = ", ".join(getattr(pm.hook, hook).spec.argnames)
+        raise RegistryError(f"{where}: {hook} takes an argument the spec does not have ({exc}); "
+                            f"the spec's arguments are: {spec_args}") from None  # fmt: skip
+    return obj
+
+
+def call_stage(pm: pluggy.PluginManager, stage: str, info: ComponentInfo, layer_name: str | None = None, /,
+               **kwargs: Any) -> Any:  # fmt: skip
+    """Call one stage's hook in ``pm``; every failure becomes one line naming stage, component, distribution,
+    layer (shared by Pipeline and prunekit.export.load_compiled)."""
+    hook_name = hookspecs.STAGE_GROUPS[stage][1]
+    base = f"{stage} component '{info.name}' ({info.distribution} {info.version})"
+    where = base if layer_name is None else f"{base}, layer {layer_name}"
+    try:
+        out = getattr(pm.hook, hook_name)(**kwargs)
+    except PrunekitError as exc:
+        text = str(exc)  # the component's own message; add only what it does not say
+        msg = f"{base if layer_name is not None and layer_name in text else where}: {text}"
+        try:
+            err = type(exc)(msg)
+        except Exception:
+            err = PrunekitError(msg)
+        raise err from None
+    except Exception as exc:
+        raise ComponentError(
+            f"{where} raised {type(exc).__name__}: {exc}; this is a bug in {info.distribution}: report it there"
+        ) from exc
+    expected = hookspecs.RETURNS[stage]
+    if not isinstance(out, expected):
+        got = "None" if out is None else type(out).__name__
+        raise ComponentError(f"{where} returned {got}; {hook_name} must return a {expected.__name__}")
+    return out
+
+
 class Pipeline:
     """One composed pipeline: its plugin manager, parameters and (once attached) the model's masks."""
 
@@ -178,8 +234,7 @@ class Pipeline:
         self.name = name
         self.spec = spec
         self.registry = registry
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
+        self.pm = plugin_manager()
         self.components: dict[str, Any] = {}
         self.infos: dict[str, ComponentInfo] = {}
         self.component_params: dict[str, Any] = {}
@@ -208,22 +263,7 @@ class Pipeline:
             info = found.get((stage, comp))
             if info is None:
                 raise self._missing(stage, comp, found)
-            info.check_unique()
-            where = f"component {stage}.{comp} from {info.distribution}"
-            try:
-                obj = info.load()()
-            except Exception as exc:  # a broken plugin must not look like a host bug
-                raise RegistryError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
-            hook = hookspecs.STAGE_GROUPS[stage][1]
-            if not hasattr(obj, hook):
-                raise RegistryError(f"{where} does not implement {hook}; add a method {hook} decorated with @prunekit.hookimpl")
-            try:
-                self.pm.register(obj, name=f"{stage}:{comp}")
-            except pluggy.PluginValidationError as exc:
-                spec_args = ", ".join(getattr(self.pm.hook, hook).spec.argnames)
-                raise RegistryError(f"{where}: {hook} takes an argument the spec does not have ({exc}); "
-                                    f"the spec's arguments are: {spec_args}") from None  # fmt: skip
-            self.components[stage] = obj
+            self.components[stage] = load_component(self.pm, stage, info)
             self.infos[stage] = info
 
     def _missing(self, stage: str, comp: str, found: dict) -> RegistryError:
@@ -334,30 +374,7 @@ class Pipeline:
 
     def _call(self, stage: str, layer_name: str | None = None, /, **kwargs: Any) -> Any:
         """Call one stage's hook; every failure becomes one line naming stage, component, distribution, layer."""
-        hook_name = hookspecs.STAGE_GROUPS[stage][1]
-        info = self.infos[stage]
-        layer = layer_name
-        base = f"{stage} component '{info.name}' ({info.distribution} {info.version})"
-        where = base if layer is None else f"{base}, layer {layer}"
-        try:
-            out = getattr(self.pm.hook, hook_name)(**kwargs)
-        except PrunekitError as exc:
-            text = str(exc)  # the component's own message; add only what it does not say
-            msg = f"{base if layer is not None and layer in text else where}: {text}"
-            try:
-                err = type(exc)(msg)
-            except Exception:
-                err = PrunekitError(msg)
-            raise err from None
-        except Exception as exc:
-            raise ComponentError(
-                f"{where} raised {type(exc).__name__}: {exc}; this is a bug in {info.distribution}: report it there"
-            ) from exc
-        expected = hookspecs.RETURNS[stage]
-        if not isinstance(out, expected):
-            got = "None" if out is None else type(out).__name__
-            raise ComponentError(f"{where} returned {got}; {hook_name} must return a {expected.__name__}")
-        return out
+        return call_stage(self.pm, stage, self.infos[stage], layer_name, **kwargs)
 
     # ---------------------------------------------------------------- attaching
 
@@ -775,6 +792,29 @@ class Pipeline:
             st.selection = sel
         self.snapshots = snapshots
         self.position = int(state["position"])
+
+    # ---------------------------------------------------------------- shipping the compiled model
+
+    def export(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model_name: str | None = None,
+        num_classes: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        onnx: str | os.PathLike[str] | None = None,
+        example: torch.Tensor | None = None,
+    ) -> Any:
+        """Write the compiled model (after ``compile``) as one safetensors artifact that
+        ``prunekit.load_compiled`` rebuilds with only the layout and kernel components installed; see
+        ``prunekit.export``. ``model_name`` / ``num_classes`` / ``input_shape`` record how to build the
+        model (a ``prunekit.models`` factory name); ``onnx``: also the masked dense model as ONNX, checked
+        in onnxruntime against eager on ``example`` (or a random batch of ``input_shape``). Returns an
+        ``Exported`` (path, manifest, size, ONNX check)."""
+        from prunekit.export import export_pipeline
+
+        return export_pipeline(self, path, model_name=model_name, num_classes=num_classes, input_shape=input_shape,
+                               onnx=onnx, example=example)  # fmt: skip
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
