@@ -1,26 +1,39 @@
 """`prunekit bench`: what a pipeline's kernels buy on this machine, layer by layer and end to end.
 
 Random weights, eval mode, the pipeline's selection at the given sparsity without training; the compiled
-model is checked against the masked dense model before anything is timed; dense and compiled run
-interleaved in one process with the same thread count (warm-up, median).
+model is checked against the masked dense model before anything is timed; the compiled model and every
+dense baseline (eager, ONNX Runtime when installed, torch.compile when asked: prunekit.baselines) run
+interleaved in one process with the same thread count (warm-up, median). The dense reference shares its
+weight tensors with the model (no second copy), so memory stays near one model plus the packed layers.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
+from prunekit import baselines
 from prunekit.calibration import synthetic
 from prunekit.errors import PrunekitError
 from prunekit.models import build_model, model_spec
 from prunekit.pipeline import Pipeline, check_sparsity
-from prunekit.timing import interleaved_medians
+from prunekit.timing import cpu_isa, cpu_model, interleaved_medians
 from prunekit.verify import capture_io, check_tolerance, layer_errors, max_rel_err
 
 __all__ = ["max_rel_err", "run_bench"]
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy whose parameters and buffers *are* the model's tensors (no second copy of the
+    weights): after compile() replaces the model's layers, the copy still holds the dense ones."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def run_bench(
@@ -33,9 +46,14 @@ def run_bench(
     warmup: int = 3,
     seed: int = 0,
     layers: bool = True,
+    dense_runtimes: str | tuple[str, ...] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """``sparsity`` defaults to the pipeline's own. Raises KernelMismatchError (after measuring nothing)
-    when the compiled model is off by more than the pipeline's tolerance."""
+    when the compiled model is off by more than the pipeline's tolerance. ``dense_runtimes``: the dense
+    baselines timed beside eager in the same interleaved run (default: ONNX Runtime when installed; see
+    prunekit.baselines); ``speedup_vs_best_dense`` is against the fastest of them."""
     if sparsity is None:
         sparsity = pipeline.host.sparsity
     check_sparsity(sparsity, "--sparsity")
@@ -58,7 +76,7 @@ def run_bench(
     pipeline.prune(sparsity)
     select_s = time.perf_counter() - t0
     pipeline.finalize()
-    reference = copy.deepcopy(model).eval()
+    reference = shared_copy(model).eval()
     x = torch.randn(batch, *spec.input_shape)
     names = list(pipeline.layers)
     ref_out, captured = capture_io(reference, names, x)
@@ -72,8 +90,11 @@ def run_bench(
     errs = layer_errors(model, captured)
     check_tolerance(f"prunekit bench {pipeline.name} on {model_name}", err, errs, pipeline.kernels(), pipeline.tolerance)
 
+    runtimes = baselines.build(baselines.parse(dense_runtimes), reference, x, threads, log)
     rows = []
-    for st in states:
+    bar = tqdm(states, desc=f"bench {model_name}", unit="layer", leave=False, disable=not progress)
+    for st in bar:
+        bar.set_postfix(layer=st.info.name)
         compiled = model.get_submodule(st.info.name)
         dense = reference.get_submodule(st.info.name)
         inp = captured[st.info.name].inp
@@ -94,7 +115,10 @@ def run_bench(
         rows.append(row)
     rows += [{"name": n, "shape": list(ld.shape), "kernel": "dense", "reason": ld.reason, "sparsity": 0.0}
              for n, ld in pipeline.left_dense.items()]  # fmt: skip
-    t = interleaved_medians({"dense": lambda: reference(x), "sparse": lambda: model(x)}, warmup, repeats)
+    fns = {"sparse": lambda: model(x), **{name: b.run for name, b in runtimes.items()}}
+    t = interleaved_medians(fns, warmup, repeats)
+    dense_ms = {name: t[name]["median_ms"] for name in runtimes}
+    best = min(dense_ms, key=dense_ms.get)
     return {
         "pipeline": pipeline.name,
         "model": model_name,
@@ -106,11 +130,18 @@ def run_bench(
         "compile_s": compile_s,
         "max_rel_err": err,
         "tolerance": pipeline.tolerance,
-        "model_dense_ms": t["dense"]["median_ms"],
+        "model_dense_ms": t["eager"]["median_ms"],
         "model_sparse_ms": t["sparse"]["median_ms"],
-        "model_dense_q": [t["dense"]["q1_ms"], t["dense"]["q3_ms"]],
+        "model_dense_q": [t["eager"]["q1_ms"], t["eager"]["q3_ms"]],
         "model_sparse_q": [t["sparse"]["q1_ms"], t["sparse"]["q3_ms"]],
-        "speedup": t["dense"]["median_ms"] / t["sparse"]["median_ms"],
+        "speedup": t["eager"]["median_ms"] / t["sparse"]["median_ms"],
+        "baselines": dense_ms,
+        "baselines_max_rel_err": {name: b.max_rel_err for name, b in runtimes.items()},
+        "best_dense": best,
+        "speedup_vs_best_dense": dense_ms[best] / t["sparse"]["median_ms"],
+        "cpu": cpu_model(),
+        "isa": cpu_isa(),
+        "torch_threads": torch.get_num_threads(),
         "repeats": repeats,
         "layers": rows,
     }

@@ -145,7 +145,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from prunekit.pipeline import Pipeline
 
     pipe = Pipeline.load(args.pipeline, args.registry)
-    res = run_bench(pipe, args.model or pipe.host.model, args.batch, args.threads, args.sparsity, args.repeats, layers=not args.no_layers)
+    res = run_bench(pipe, args.model or pipe.host.model, args.batch, args.threads, args.sparsity, args.repeats,
+                    layers=not args.no_layers, dense_runtimes=args.baselines, progress=sys.stderr.isatty(),
+                    log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -156,9 +158,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
              ("sparse_ms", "sparse ms"), ("speedup", "speedup"), ("max_rel_err", "max rel err"), ("reason", "why dense")],
         )
     )
+    others = ", ".join(f"{k} {v:.3f} ms" for k, v in res["baselines"].items() if k != "eager")
     print(
-        f"\n{res['pipeline']} {res['model']} batch {res['batch']} threads {res['threads']} sparsity {res['achieved_sparsity']:.4f}: "
-        f"dense {res['model_dense_ms']:.3f} ms, sparse {res['model_sparse_ms']:.3f} ms, speedup {res['speedup']:.2f}x, "
+        f"\n{res['pipeline']} {res['model']} batch {res['batch']} threads {res['threads']} sparsity {res['achieved_sparsity']:.4f} "
+        f"on {res['cpu']} ({res['isa']}): sparse {res['model_sparse_ms']:.3f} ms; "
+        f"{res['speedup_vs_best_dense']:.2f}x vs the fastest dense runtime ({res['best_dense']}), "
+        f"{res['speedup']:.2f}x vs PyTorch eager ({res['model_dense_ms']:.3f} ms){'; ' + others if others else ''}; "
         f"max rel err {res['max_rel_err']:.2e}, select {res['select_s']:.2f} s"
     )
     return 0
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sparsity", type=SPARSITY, default=None, help="fraction of weights removed (default: the pipeline's sparsity)")
     sp.add_argument("--repeats", type=POSITIVE, default=20)
     sp.add_argument("--no-layers", action="store_true", help="time only the whole model")
+    sp.add_argument("--baselines", default=None, metavar="LIST",
+                    help="dense runtimes timed beside eager, comma-separated: onnxruntime (default when installed), torch.compile")  # fmt: skip
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench)
 
