@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -119,9 +118,7 @@ def run_seed(reg: Registry, seed: int, rounds: int, length: int, rewind: int, lr
             pipe = pipeline(reg, select, k, length, rewind, extra, seed)
             pipe.attach(m)
             m.load_state_dict(model_state)
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(pipe_state, Path(tmp) / "state.pt")
-                pipe.load_state(Path(tmp) / "state.pt")
+            pipe.load_state_dict(pipe_state, source=f"IMP checkpoint before round {k}")
             if variant.startswith("(b)"):  # rewind to a fresh random initialisation instead of the snapshot
                 torch.manual_seed(10_000 + seed)
                 fresh = build_model(MODEL, bundle.num_classes, INPUT)

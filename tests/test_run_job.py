@@ -45,7 +45,8 @@ def test_run_writes_report_and_table(fake_components, quick_registry, tmp_path, 
     layer = report["layers"][0]
     assert {"name", "shape", "sparsity", "dense_bytes", "packed_bytes"} <= set(layer)
     assert (out / "state.pt").is_file() and (out / "pruned.pt").is_file()
-    assert (out / "history.svg").read_text().startswith("<svg")
+    assert (out / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "layers.png").is_file() and report["num_classes"] == 10
     # the dense model was cached: a second run loads it instead of training
     assert list((tmp_path / "cache" / "dense").glob("resnet-digits-digits-*.pt"))
 

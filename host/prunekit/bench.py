@@ -9,13 +9,11 @@ weight tensors with the model (no second copy), so memory stays near one model p
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit import baselines
@@ -24,16 +22,9 @@ from prunekit.errors import PrunekitError
 from prunekit.models import build_model, model_spec
 from prunekit.pipeline import Pipeline, check_sparsity
 from prunekit.timing import cpu_isa, cpu_model, interleaved_medians
-from prunekit.verify import capture_io, check_tolerance, layer_errors, max_rel_err
+from prunekit.verify import capture_io, check_tolerance, layer_errors, max_rel_err, shared_copy
 
 __all__ = ["max_rel_err", "run_bench"]
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A structural copy whose parameters and buffers *are* the model's tensors (no second copy of the
-    weights): after compile() replaces the model's layers, the copy still holds the dense ones."""
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def run_bench(

@@ -765,6 +765,13 @@ class Pipeline:
             raise CheckpointError(f"{path}: no such pruning state; check the path") from None
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable prunekit state ({type(exc).__name__}); re-create it with save()") from None
+        self.load_state_dict(state, source=str(path))
+
+    def load_state_dict(self, state: Any, source: str = "the state") -> None:
+        """Restore a state from ``state_dict()`` (in memory) onto the attached model; checked first, so a
+        state that does not fit leaves the pipeline as it was (``CheckpointError`` naming ``source``)."""
+        self._require_attached()
+        path = source
         if not isinstance(state, dict) or state.get("format") not in READABLE_STATES:
             raise CheckpointError(f"{path}: not a {STATE_FORMAT} file; re-create it with pipeline.save()")
         if state["pipeline"] != self.name:

@@ -85,50 +85,6 @@ def write_json_atomic(obj: Any, path: Path) -> None:
     write_text_atomic(json.dumps(obj, indent=2, default=str) + "\n", path)
 
 
-def history_svg(history: list[dict[str, Any]], dense_accuracy: float, title: str) -> str:
-    """A dependency-free SVG plot: accuracy and sparsity per fine-tuning epoch (dense accuracy dashed)."""
-    w, h, pad = 640, 320, 48
-    n = max(len(history), 1)
-
-    def x(i: float) -> float:
-        return pad + (w - 2 * pad) * (i / max(n - 1, 1))
-
-    accs = [r["accuracy"] for r in history] + [dense_accuracy]
-    lo = max(0.0, min(accs) - 2.0)
-
-    def y_acc(a: float) -> float:
-        return h - pad - (h - 2 * pad) * (a - lo) / max(100.0 - lo, 1e-9)
-
-    def y_sp(s: float) -> float:
-        return h - pad - (h - 2 * pad) * s
-
-    def poly(points: list[tuple[float, float]], color: str, dash: str = "") -> str:
-        pts = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
-        extra = f' stroke-dasharray="{dash}"' if dash else ""
-        return f'<polyline fill="none" stroke="{color}" stroke-width="2"{extra} points="{pts}"/>'
-
-    acc_pts = [(x(i), y_acc(r["accuracy"])) for i, r in enumerate(history)]
-    sp_pts = [(x(i), y_sp(r["sparsity"])) for i, r in enumerate(history)]
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{w}" height="{h}" fill="white"/>',
-        f'<text x="{pad}" y="20" font-size="14">{title}</text>',
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
-        poly([(x(0), y_acc(dense_accuracy)), (x(n - 1), y_acc(dense_accuracy))], "#1f77b4", "4 4"),
-        poly(acc_pts, "#1f77b4"),
-        poly(sp_pts, "#d62728"),
-        f'<text x="{pad}" y="{h - 16}">epoch 0 .. {n - 1}</text>',
-        f'<text x="{w - pad - 250}" y="{pad - 8}" fill="#1f77b4">accuracy % ({lo:.1f}..100; dashed: dense)</text>',
-        f'<text x="{w - pad - 250}" y="{pad + 8}" fill="#d62728">sparsity (0..1)</text>',
-        "</svg>",
-    ]
-    return "\n".join(parts) + "\n"
-
-
-# --- PNG plots (matplotlib: the host's optional extra ``plots``) ---------------------------------------------
-
-
 class PlotWarning(UserWarning):
     """A plot was skipped (matplotlib missing, or drawing failed); the run itself is unaffected."""
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +12,18 @@ import attrs
 import torch
 
 from prunekit import checkpoint, distributed
-from prunekit.atomic import atomic_torch_save, write_text_atomic
+from prunekit.atomic import atomic_torch_save
 from prunekit.calibration import draw_batches
 from prunekit.checkpoint import Checkpoint
-from prunekit.data import load_data
+from prunekit.data import is_cifar10, load_data
 from prunekit.distributed import Dist
 from prunekit.errors import CheckpointError, KernelMismatchError
 from prunekit.models import build_model, model_spec
 from prunekit.pipeline import Pipeline
-from prunekit.report import history_svg, layer_rows, write_json_atomic
+from prunekit.report import layer_rows, write_json_atomic, write_plots
 from prunekit.timing import interleaved_medians
 from prunekit.training import EpochRecord, evaluate, fit, lr_segments, make_optimizer, prune_and_finetune
-from prunekit.verify import capture_io, check_tolerance, layer_errors, max_rel_err
+from prunekit.verify import capture_io, check_tolerance, layer_errors, max_rel_err, shared_copy
 
 
 def cache_dir() -> Path:
@@ -43,10 +41,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def input_shape_for(model_name: str, data: str) -> tuple[int, int, int]:
-    shape = model_spec(model_name).input_shape
-    if data == "digits" and shape[1] >= 224:
-        return (shape[0], 32, 32)  # torchvision nets on 8x8 digits: 32x32 is plenty and fast
-    return shape
+    spec = model_spec(model_name)
+    if spec.input_shape[1] >= 224 and (data == "digits" or is_cifar10(data)):
+        # torchvision nets on 8x8 digits or 32x32 CIFAR: 32x32, or the smallest size the model accepts
+        return spec.valid_input((spec.input_shape[0], 32, 32))
+    return spec.input_shape
 
 
 def dense_model(
@@ -110,14 +109,7 @@ def run_settings(pipe: Pipeline, model_name: str, data_name: str, epochs: int, d
 
 
 def _load_pipeline_state(pipe: Pipeline, state: dict[str, Any], source: Path) -> None:
-    # Pipeline.load_state reads a file (and checks everything before applying): give it one
-    with tempfile.TemporaryDirectory(prefix="prunekit-") as tmp:
-        path = Path(tmp) / "pipeline-state.pt"
-        torch.save(state, path)
-        try:
-            pipe.load_state(path)
-        except CheckpointError as exc:
-            raise CheckpointError(str(exc).replace(str(path), f"{source} (pipeline state)")) from None
+    pipe.load_state_dict(state, source=f"{source} (pipeline state)")
 
 
 def _restore(pipe: Pipeline, model: torch.nn.Module, saved: Checkpoint, path: Path, segments: list) -> None:
@@ -254,6 +246,7 @@ def _run(pipe: Pipeline, model_name: str | None, data: str, epochs: int | None, 
         "pipeline": pipe.name,
         "components": pipe.describe()["components"],
         "model": model_name,
+        "num_classes": bundle.num_classes,
         "data": bundle.name,
         "epochs": epochs,
         "threads": torch.get_num_threads(),
@@ -267,7 +260,7 @@ def _run(pipe: Pipeline, model_name: str | None, data: str, epochs: int | None, 
         report["processes"] = d.world_size
     mismatch = None
     if pipe.has_kernel:
-        reference = copy.deepcopy(model).eval()
+        reference = shared_copy(model).eval()
         x = torch.randn(latency_batch, *bundle.input_shape)
         ref_out, captured = capture_io(reference, list(pipe.layers), x)
         states = pipe.compile(example=x)
@@ -300,8 +293,7 @@ def _run(pipe: Pipeline, model_name: str | None, data: str, epochs: int | None, 
             if row["name"] in errs:
                 row["max_rel_err"] = errs[row["name"]]
     write_json_atomic(report, out / "report.json")
-    svg = history_svg(report["history"], dense_acc, f"{pipe.name} on {model_name}/{bundle.name}")
-    write_text_atomic(svg, out / "history.svg")
+    write_plots(report, out, warn=log)
     if mismatch is not None:
         raise mismatch  # after the report is written: it records every layer's error
     return report

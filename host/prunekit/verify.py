@@ -7,11 +7,20 @@ and is compared with the captured output.
 
 from __future__ import annotations
 
+import copy
+
 import attrs
 import torch
 from torch import nn
 
 from prunekit.errors import KernelMismatchError
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy whose parameters and buffers *are* the model's tensors (no second copy of the
+    weights): after compile() replaces the model's layers, the copy still holds the dense ones."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
