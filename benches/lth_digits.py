@@ -61,7 +61,7 @@ def imp_sparsity(k: int, rate: float = 0.2) -> float:
 def pipeline(reg: Registry, select: str, rounds: int, length: int, rewind: int, extra: dict[str, Any], seed: int) -> Pipeline:
     section = {"lth-imp": "lth-imp", "lth-refill": "lth-refill-cpu", "lth-regroup": "lth-regroup-cpu"}[select]
     _, base = reg.pipeline(section)
-    params = {k: v for k, v in base.params.items() if k not in ("n", "group_rows", "fallback", "threshold")}
+    params = {k: v for k, v in base.params.items() if k not in ("n", "group_rows", "bm", "precision", "fallback", "threshold")}
     params.update(extra, sparsity=imp_sparsity(rounds), rounds=rounds, round_length=length, rewind_step=rewind,
                   epochs=(rounds + 1) * length, seed=seed)  # fmt: skip
     spec = attrs.evolve(base, params=params, layout=None, kernel=None)  # masked dense: accuracy only
