@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from prunekit_lth.imp import round_sparsity
+from prunekit_lth.refill import as_rows
 
 from prunekit.models import ResNetDigits
 from prunekit.pipeline import Pipeline
-from prunekit_lth.imp import round_sparsity
-from prunekit_lth.refill import as_rows
 
 ROUNDS, LENGTH = 2, 2
 TARGET = round_sparsity(ROUNDS, 0.2)
