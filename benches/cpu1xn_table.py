@@ -2,6 +2,7 @@
 
     .venv/bin/python benches/cpu1xn_table.py            # full sweep (~15 min on 2 cores)
     .venv/bin/python benches/cpu1xn_table.py --quick    # batch 1, 2 threads only
+    .venv/bin/python benches/cpu1xn_table.py --batches 1,8,32 --no-e2e  # per-layer rows incl. batch 32
     .venv/bin/python benches/cpu1xn_table.py --e2e-only # only the ResNet-50 end-to-end figure
     .venv/bin/python benches/cpu1xn_table.py --sweep-only   # only the fallback calibration sweep
     .venv/bin/python benches/cpu1xn_table.py --linear-only  # only the Linear rows
@@ -27,10 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import torch
 import torch.nn.functional as F
 from prunekit_cpu1xn import ext
-from prunekit_cpu1xn.kernel import Cpu1xN, build, decide, rule
+from prunekit_cpu1xn.kernel import EFFICIENCY, Cpu1xN, build, decide, rule, time_rule
 from prunekit_cpu1xn.layout import pack_1xn
 from prunekit_cpu1xn.synthetic import random_selection
 from prunekit_cpu1xn.testing import RESNET50_SHAPES, RESNET50_STRIDED, conv_layer, rel_err
@@ -93,7 +95,8 @@ def layer_rows(threads: list[int], batches: list[int], ns: list[int], sparsities
         torch.set_num_threads(t)
         for b in batches:
             for sid, cin, cout, k, hw, stride in shapes:
-                layer = conv_layer(sid, cin, cout, k, stride)
+                # the real input shape: "auto" decides with the time rule, as compile(example=x) does
+                layer = attrs.evolve(conv_layer(sid, cin, cout, k, stride), input_shape=(b, cin, hw, hw))
                 x = torch.randn(b, cin, hw, hw, generator=gen)
                 for n in ns:
                     for s in sparsities:
@@ -307,6 +310,8 @@ def markdown(rows: list[dict], e2e: list[dict], meta: dict, sweep: list[dict] | 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 1, 2 threads only")
+    ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=None,
+                    help="batches of the per-layer rows, e.g. 1,8,32 (default 1,8; --quick: 1)")
     ap.add_argument("--e2e-only", action="store_true")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--no-csr", action="store_true")
@@ -329,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sweep, args.e2e_only, args.no_e2e = True, True, True
     if not args.e2e_only:
         threads, batches = ([2], [1]) if args.quick else ([1, 2], [1, 8])
+        batches = args.batches or batches
         rows = layer_rows(threads, batches, [4, 16], [0.5, 0.75, 0.9], RESNET50_SHAPES + RESNET50_STRIDED,
                           not args.no_csr, args.rounds, args.repeats)  # fmt: skip
     sweep: list[dict] = []
@@ -356,12 +362,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.render:
             meta = old.get("meta", meta)
     for r in rows + sweep:  # the "auto" column always shows the rule as it is now
-        r["auto_packed"] = rule(r["N"], 1.0 - r["sparsity"], r["M"], r["K"])[0]
+        r["auto_packed"] = auto_now(r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     jpath.write_text(json.dumps({"meta": meta, "rows": rows, "e2e": e2e, "sweep": sweep, "linear": linear}, indent=1))
     args.out.write_text(markdown(rows, e2e, meta, sweep, linear))
     print(f"wrote {args.out} and {jpath}")
     return 0
+
+
+_SHAPES = {sid: (cin, cout, k, hw, stride) for sid, cin, cout, k, hw, stride in RESNET50_SHAPES + RESNET50_STRIDED}
+
+
+def auto_now(r: dict) -> bool:
+    """What ``fallback = "auto"`` decides for a row now: the time rule on the row's real input (batch and
+    size, as compile(example=x) gives it), else the sparsity rule."""
+    if r["layer"] in _SHAPES and r["N"] in EFFICIENCY:
+        cin, cout, k, hw, stride = _SHAPES[r["layer"]]
+        layer = conv_layer(r["layer"], cin, cout, k, stride)
+        return time_rule(r["N"], 1.0 - r["sparsity"], layer, (r["batch"], cin, hw, hw))[0]
+    return rule(r["N"], 1.0 - r["sparsity"], r["M"], r["K"])[0]
 
 
 def _cpu_name() -> str:

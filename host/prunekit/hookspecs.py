@@ -25,6 +25,16 @@ Optional class attributes a component may declare (the host reads them; nothing 
 * ``tolerance`` (kernel components): the largest relative error of the compiled model against the masked
   dense model that counts as correct, a float or a method ``tolerance(params) -> float`` (default
   ``DEFAULT_TOLERANCE``, 1e-4 for fp32); ``prunekit bench`` and ``run`` fail above it.
+* ``epilogues`` (kernel components): the epilogue chains the kernel can fuse into a layer's output store,
+  in ``prunekit.fusion``'s vocabulary with pooling written ``maxpool*`` (e.g. ``{"bias+relu",
+  "bias+add+relu"}``; ``prunekit.fusion.every_chain()`` is all of them), or a method ``epilogues(params)``.
+  With the host parameter ``fuse`` (default true) the host then folds eval-mode BatchNorm into the convs
+  at ``finalize``, sets ``LayerInfo.epilogue`` to the longest declared prefix of what follows each conv,
+  expects ``CompiledLayer.fused`` back (``None`` = not fused), and also offers the layers it keeps dense
+  (first conv, grouped convs ...) to ``prunekit_build_kernel`` with a dense ``Layout`` (the layout stage run
+  on an all-True Selection with ``dense_reason``) when they have an epilogue; for those only ``fused`` is
+  used, the dense layer stays in the model. The model then runs a rewritten forward (``prunekit.fusion``).
+  Kernels without ``epilogues`` see none of this.
 
 Errors. Raise ``prunekit.SelectionError`` (select/score: the layer cannot be pruned as asked),
 ``prunekit.LayoutError`` (layout/kernel: data not built for this layer), or ``prunekit.PrunekitError``
@@ -150,4 +160,9 @@ def prunekit_build_kernel(layer: LayerInfo, layout: Layout, bias: torch.Tensor |
     masked dense layer returns, bias included (within the component's ``tolerance``). Where the sparse
     path would be slower or cannot run, return a dense module and say so in ``kernel``/``reason`` rather
     than failing; a layout of another format raises ``LayoutError``.
+
+    ``layer.epilogue`` non-empty (only for a component declaring ``epilogues``): also return
+    ``CompiledLayer.fused``, the layer followed by that chain (see ``CompiledLayer``), or ``None`` to
+    decline; ``module`` still computes the layer alone. ``layer.input_shape`` (when the host had an
+    example) lets the kernel decide per layer on the real batch and spatial size.
     """

@@ -30,7 +30,7 @@ import pluggy
 import torch
 from torch import nn
 
-from prunekit import hookspecs
+from prunekit import fusion, hookspecs
 from prunekit.atomic import atomic_torch_save
 from prunekit.calibration import NEEDS, Calibration, as_calibration, collect
 from prunekit.errors import (
@@ -61,7 +61,10 @@ class HostParams:
     training batches ``prunekit run`` draws for components that need data. ``tolerance``: overrides the
     kernel component's accepted relative error of the compiled model. ``strict``: a layer the select
     stage cannot take (``SelectionError``: Cout not divisible by N, depthwise, too small) fails the run;
-    by default it stays dense and the report says why.
+    by default it stays dense and the report says why. ``fuse``: with a kernel component that declares
+    ``epilogues``, fold eval-mode BatchNorm into the convs at ``finalize`` and let the kernel fuse what follows
+    each conv (BN shift, residual add, ReLU/ReLU6, max pooling) into its output; the model then runs a
+    rewritten forward (``prunekit.fusion``). No effect with other kernels or without a kernel stage.
     """
 
     sparsity: float = 0.5
@@ -80,6 +83,7 @@ class HostParams:
     calibration_batches: int = 4
     tolerance: float | None = None
     strict: bool = False
+    fuse: bool = True
 
     def __attrs_post_init__(self) -> None:
         check_sparsity(self.sparsity, "sparsity")
@@ -248,6 +252,8 @@ class Pipeline:
         self.decisions: list[ScheduleDecision] = []
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self.calibration: Calibration | None = None
+        self.fusion: fusion.FusionPlan | None = None  # set by finalize() when the kernel fuses epilogues
+        self.fusion_note = ""  # why there is no fusion plan, when fuse is on and there is none
 
     # ---------------------------------------------------------------- loading
 
@@ -556,6 +562,14 @@ class Pipeline:
             w = raw_weight(st.module).detach()
             weights[name] = w
             mask = mask_of(st.module).mask.bool() if st.selection is not None else None
+            bad = w.numel() - int(torch.count_nonzero(torch.isfinite(w)))
+            if bad:  # W * mask keeps NaN * 0 = NaN while a kernel drops the weight: no select may take it
+                msg = (f"layer {name}: {bad} of {w.numel()} weights are NaN or infinite; fix the weights first "
+                       "(after training this usually means it diverged: lower lr); the layer stays dense unless strict = true")  # fmt: skip
+                if self.host.strict:
+                    raise SelectionError(msg)
+                unscored[name] = msg
+                continue
             try:
                 all_scores[name] = self._call(
                     "score", name, layer=st.info, weight=w, mask=mask, params=sp,
@@ -654,10 +668,19 @@ class Pipeline:
     # ---------------------------------------------------------------- finishing
 
     def finalize(self) -> None:
-        """Bake ``W * mask`` into every selected layer's weight and drop the parametrizations."""
+        """Bake ``W * mask`` into every selected layer's weight and drop the parametrizations.
+
+        With ``fuse`` and a kernel that declares ``epilogues``, also fold every eval-mode BatchNorm into the
+        conv before it (``prunekit.fusion.fold_batchnorm``: same function, same state_dict keys; the model is
+        then for inference) and find each conv's epilogue, which ``compile`` fuses."""
         self._require_attached()
         for st in self.layers.values():
             bake(st.module)
+        if self.fusion is None and self.host.fuse and self.has_kernel and self._declared_epilogues():
+            self.fusion, self.fusion_note = fusion.plan(self.model)
+
+    def _declared_epilogues(self) -> frozenset[str]:
+        return fusion.declared_epilogues(self.components["kernel"], self.component_params.get("kernel"))
 
     @torch.no_grad()
     def record_input_shapes(self, example: torch.Tensor) -> None:
@@ -694,7 +717,10 @@ class Pipeline:
         """
         self._require_attached()
         self.finalize()
-        return self._compile_layers(example)
+        states = self._compile_layers(example)
+        if self.fusion is not None:
+            self._install_fusion(example)
+        return states
 
     @torch.no_grad()
     def _compile_layers(self, example: torch.Tensor | None) -> list[LayerState]:
@@ -703,9 +729,12 @@ class Pipeline:
         if example is not None:
             self.record_input_shapes(example)
         lp, kp = self.component_params["layout"], self.component_params["kernel"]
+        declared = self._declared_epilogues() if self.fusion is not None else frozenset()
         for name, st in self.layers.items():
             if st.selection is None or st.selection.dense_reason:
                 continue
+            if declared and st.info.kind == "conv2d":
+                st.info = attrs.evolve(st.info, epilogue=self.fusion.epilogue(name, declared).chain)
             w = st.module.weight.detach()
             layout = self._call("layout", name, layer=st.info, weight=w, selection=st.selection, params=lp)
             bias = st.module.bias.detach() if getattr(st.module, "bias", None) is not None else None
@@ -713,6 +742,52 @@ class Pipeline:
             st.layout, st.compiled = layout, compiled
             _replace_module(self.model, name, compiled.module)
         return list(self.layers.values())
+
+    @torch.no_grad()
+    def _install_fusion(self, example: torch.Tensor | None) -> None:
+        """Collect the fused modules (the kernel's, for compiled layers; for layers the host or the select stage
+        kept dense, offer them to the kernel with a dense layout) and give the model the fused forward."""
+        plan, declared = self.fusion, self._declared_epilogues()
+        lp, kp = self.component_params["layout"], self.component_params["kernel"]
+        fused: dict[str, tuple[nn.Module, nn.Module, fusion.Epilogue]] = {}
+        offered: list[tuple[str, fusion.Epilogue, str]] = []
+        plan.notes = {}
+        for conv, site in plan.sites.items():
+            if not site.epilogue.ops:
+                continue
+            st = self.layers.get(conv)
+            if st is not None and st.compiled is not None:
+                ep = fusion.parse_epilogue(st.info.epilogue)
+                if ep.ops and st.compiled.fused is not None:
+                    fused[conv] = (st.compiled.module, st.compiled.fused, ep)
+                else:
+                    plan.notes[conv] = (f"kernel '{self.spec.kernel}' declared no prefix of {site.epilogue.chain}" if not ep.ops
+                                        else f"kernel '{self.spec.kernel}' returned no fused module for {ep.chain}")  # fmt: skip
+                continue
+            ep = fusion.best_supported(site.epilogue, declared)
+            if not ep.ops:
+                plan.notes[conv] = f"kernel '{self.spec.kernel}' declared no prefix of {site.epilogue.chain}"
+                continue
+            why = (self.left_dense[conv].reason if conv in self.left_dense else
+                   st.selection.dense_reason if st is not None and st.selection is not None else "not pruned")  # fmt: skip
+            offered.append((conv, ep, why))
+        shapes = fusion.shapes_of(self.model, [c for c, _, _ in offered], example) if offered and example is not None else {}
+        for conv, ep, why in offered:
+            mod = self.model.get_submodule(conv)
+            try:
+                info = attrs.evolve(layer_info(conv, mod), epilogue=ep.chain, input_shape=shapes.get(conv))
+                sel = Selection(mask=torch.ones_like(mod.weight, dtype=torch.bool), dense_reason=why)
+                layout = self._call("layout", conv, layer=info, weight=mod.weight.detach(), selection=sel, params=lp)
+                bias = mod.bias.detach() if mod.bias is not None else None
+                built = self._call("kernel", conv, layer=info, layout=layout, bias=bias, params=kp)
+            except PrunekitError as exc:  # a dense layer the layout or kernel cannot take stays as it is
+                plan.notes[conv] = str(exc)
+                continue
+            if built.fused is not None:
+                fused[conv] = (mod, built.fused, ep)
+            else:
+                plan.notes[conv] = f"kernel '{self.spec.kernel}' returned no fused module for dense {ep.chain}"
+        fusion.install(self.model, plan, fused)
 
     def kernels(self) -> dict[str, str]:
         """``{layer: kernel}`` of the compiled layers."""
@@ -774,31 +849,54 @@ class Pipeline:
         path = source
         if not isinstance(state, dict) or state.get("format") not in READABLE_STATES:
             raise CheckpointError(f"{path}: not a {STATE_FORMAT} file; re-create it with pipeline.save()")
-        if state["pipeline"] != self.name:
-            raise CheckpointError(f"{path}: saved by pipeline '{state['pipeline']}', not '{self.name}'; load it with that pipeline")
+        if state.get("pipeline") != self.name:
+            raise CheckpointError(f"{path}: saved by pipeline {str(state.get('pipeline'))[:80]!r}, not '{self.name}'; load it with that pipeline")
+        try:  # parse everything first: a damaged state raises here, before any mask is changed
+            selections, snapshots, position = self._parse_state(state, path)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # missing keys, wrong types: the file's fault, one line naming it
+            raise CheckpointError(f"{path}: damaged pruning state ({type(exc).__name__}: {str(exc)[:120]}); "
+                                  "re-create it with pipeline.save()") from None  # fmt: skip
+        for name, sel in selections.items():
+            st = self.layers[name]
+            mask_of(st.module).set(sel.mask, sel.soft, sel.pruned_decay)
+            st.selection = sel
+        self.snapshots = snapshots
+        self.position = position
+
+    def _parse_state(self, state: dict[str, Any], path: str) -> tuple[dict[str, Selection], dict[int, dict[str, torch.Tensor]], int]:
+        """The Selections, snapshots and position a state holds, every one checked against the attached model."""
         meta = json.loads(state["meta"])
-        for name, mask in state["masks"].items():
+        masks, perms_of = state["masks"], state["perms"]
+        if not isinstance(meta, dict) or not isinstance(masks, dict) or not isinstance(perms_of, dict):
+            raise TypeError("meta, masks and perms must be mappings")
+        for name, mask in masks.items():
             st = self.layers.get(name)
-            if st is None or tuple(mask.shape) != st.info.weight_shape:
-                raise CheckpointError(f"{path}: layer {name} {tuple(mask.shape)} does not fit this model; attach the model it was saved from")
+            if st is None or not isinstance(mask, torch.Tensor) or tuple(mask.shape) != st.info.weight_shape:
+                what = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise CheckpointError(f"{path}: layer {name} {what} does not fit this model; attach the model it was saved from")
         snapshots = {int(k): v for k, v in state.get("snapshots", {}).items()}
         current = self.model.state_dict()
         for step, snap in snapshots.items():
             for k, t in snap.items():
-                if k not in current or current[k].shape != t.shape:
-                    raise CheckpointError(f"{path}: snapshot of step {step} holds {k} {tuple(t.shape)}, which this model lacks; attach the model it was saved from")
-        for name, mask in state["masks"].items():
-            st = self.layers[name]
+                if k not in current or not isinstance(t, torch.Tensor) or current[k].shape != t.shape:
+                    raise CheckpointError(f"{path}: snapshot of step {step} holds {k}, which this model lacks or shapes "
+                                          "otherwise; attach the model it was saved from")  # fmt: skip
+        selections = {}
+        for name, mask in masks.items():
             m = meta[name]
-            perms = tuple(state["perms"].get(f"{name}#{d}") for d in range(m["ndim"]))
+            perms = tuple(perms_of.get(f"{name}#{d}") for d in range(int(m["ndim"])))
+            for d, p in enumerate(perms):
+                if p is not None and (not isinstance(p, torch.Tensor) or p.numel() != self.layers[name].info.weight_shape[d]):
+                    raise CheckpointError(f"{path}: layer {name}: permutation of dim {d} does not fit; re-create it with pipeline.save()")
             sel = Selection(
-                mask=mask.bool(), perms=perms, block=tuple(m["block"]), soft=m["soft"], pruned_decay=m["pruned_decay"],
-                pattern=m.get("pattern", ""), dense_reason=m.get("dense_reason", ""), meta=m["meta"],
+                mask=mask.bool(), perms=perms, block=tuple(m["block"]), soft=bool(m["soft"]),
+                pruned_decay=float(m["pruned_decay"]), pattern=str(m.get("pattern", "")),
+                dense_reason=str(m.get("dense_reason", "")), meta=dict(m["meta"]),
             )  # fmt: skip
-            mask_of(st.module).set(sel.mask, sel.soft, sel.pruned_decay)
-            st.selection = sel
-        self.snapshots = snapshots
-        self.position = int(state["position"])
+            selections[name] = sel
+        return selections, snapshots, int(state["position"])
 
     # ---------------------------------------------------------------- shipping the compiled model
 

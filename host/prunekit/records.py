@@ -34,6 +34,9 @@ class LayerInfo:
     index: int = 0  # position among the selected layers, in module order
     count: int = 1  # number of selected layers
     input_shape: tuple[int, ...] | None = None  # one input's shape, known when compile() got an example
+    # what follows the layer in the model and the kernel is asked to fuse (prunekit.fusion): a chain such as
+    # "bias+add+relu"; empty = nothing. Only set for a kernel that declares `epilogues` covering the chain.
+    epilogue: str = ""
 
     @property
     def out_features(self) -> int:
@@ -183,8 +186,15 @@ class CompiledLayer:
     ``module`` computes exactly the masked dense layer's function (bias included). ``kernel`` names the
     code path that runs (``"cpu-1xn/avx512"``, ``"dense-fallback"`` ...) and ``reason`` says why, when a
     fallback was chosen.
+
+    ``fused`` (optional, only when ``LayerInfo.epilogue`` is set): a module computing the layer followed by
+    that epilogue, called as ``fused(x, *tensors)`` with the per-call tensors of the chain's ``bias`` (shift,
+    ``[Cout]``) and ``add`` (residual, the output's shape) in that order; it must match
+    ``prunekit.fusion.apply_epilogue(module(x), epilogue, *tensors)``. It may share ``module``'s tensors.
+    ``None``: the host runs the epilogue's ops itself, after ``module``.
     """
 
     module: torch.nn.Module
     kernel: str
     reason: str = ""
+    fused: torch.nn.Module | None = None

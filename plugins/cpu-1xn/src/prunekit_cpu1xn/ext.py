@@ -1,9 +1,17 @@
 """Building and loading the C++ extension: once per source version, cached, safe under concurrency.
 
-The build directory is ``$PRUNEKIT_CACHE_DIR`` (default ``~/.cache/prunekit``) ``/cpu1xn-<hash>``, the
+The cache directory is ``$PRUNEKIT_CACHE_DIR`` (default ``~/.cache/prunekit``) ``/cpu1xn-<hash>``, the
 hash covering the sources, the torch version and the compiler, so a changed kernel never loads a stale
-library. An exclusive ``flock`` serialises builds between processes (test workers, benches); the lock
-dies with its process, so a killed build never leaves a lock behind (torch's own lock file would).
+library. It holds the finished library ``<name>.so`` and nothing half-built: each build runs in its own
+``build-<pid>-*`` directory and the library is renamed into place only once it has built and loaded, so
+every later process loads it without running ninja.
+
+An exclusive ``flock`` on ``prunekit.lock`` serialises builds between processes (test workers, benches);
+the kernel drops it when its holder dies, so a killed build never leaves a lock behind. A holder killed
+mid-build (SIGKILL, the OOM killer) leaves its ninja and compilers running as orphans: they only ever write
+into the dead holder's own build directory, so the next holder's build never shares a directory with them
+(two ninjas in one directory corrupt each other's objects and logs). Build directories of dead holders are
+removed by the next holder.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -80,23 +89,13 @@ def load() -> object:
     if not cpp_extension.is_ninja_available():
         raise ExtensionUnavailable("ninja is not installed (pip install ninja or apt-get install ninja-build)")
     bdir = build_dir()
-    bdir.mkdir(parents=True, exist_ok=True)
-    src = _csrc()
     try:
+        bdir.mkdir(parents=True, exist_ok=True)
         with open(bdir / "prunekit.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            # we hold the only build right here: any torch lock file left is stale (killed build)
-            (bdir / "lock").unlink(missing_ok=True)
-            cpp_extension.load(
-                name=f"prunekit_cpu1xn_{bdir.name.split('-')[-1]}",
-                sources=[str(src / s) for s in SOURCES],
-                extra_include_paths=[str(src)],
-                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(bdir),
-                is_python_module=False,
-                verbose=bool(os.environ.get("PRUNEKIT_VERBOSE_BUILD")),
-            )
+            _load_or_build(bdir, cpp_extension)
+    except ExtensionUnavailable:
+        raise
     except Exception as exc:  # compiler errors, missing headers, ...: say why, let callers fall back
         raise ExtensionUnavailable(
             f"building the C++ kernel failed: {type(exc).__name__}: {str(exc)[-400:]}", missing_prerequisite=False
@@ -105,6 +104,50 @@ def load() -> object:
     if ops.isa() == 0:
         raise ExtensionUnavailable("the CPU has neither AVX-512 nor AVX2+FMA")
     return ops
+
+
+def library_name(bdir: Path) -> str:
+    return f"prunekit_cpu1xn_{bdir.name.split('-')[-1]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _load_or_build(bdir: Path, cpp_extension: object) -> None:
+    """Under the lock: load the published library, or build one in a private directory and publish it."""
+    name = library_name(bdir)
+    lib = bdir / f"{name}.so"
+    for old in bdir.glob("build-*"):  # dead holders' build directories (their orphans may still write there)
+        pid = old.name.split("-")[1]
+        if old.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    if lib.is_file():
+        try:
+            torch.ops.load_library(str(lib))
+            return
+        except OSError:  # unreadable (a damaged disk, a foreign file): build it again
+            lib.unlink(missing_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=bdir))
+    src = _csrc()
+    built = cpp_extension.load(
+        name=name,
+        sources=[str(src / s) for s in SOURCES],
+        extra_include_paths=[str(src)],
+        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(private),
+        is_python_module=False,
+        verbose=bool(os.environ.get("PRUNEKIT_VERBOSE_BUILD")),
+    )  # builds and loads private/<name>.so
+    os.replace(built if isinstance(built, str) and built else private / f"{name}.so", lib)  # published whole, or not at all
+    shutil.rmtree(private, ignore_errors=True)
 
 
 def isa_name(code: int) -> str:

@@ -152,14 +152,21 @@ def pack_slots(
     M, cin = shape[0], shape[1]
     taps = shape[2] * shape[3] if len(shape) == 4 else 1
     mask = mask2.reshape(M, cin, taps)
-    w = (weight.detach().to(device="cpu", dtype=torch.float32) * mask.reshape(shape)).reshape(M, cin, taps)
+    # no W * mask copy: the check below makes every kept unit kept in all its real rows, so only kept weights
+    # are ever gathered (a layer the size of VGG-16's fc6 would otherwise cost three full-size copies)
+    w = weight.detach().to(device="cpu", dtype=torch.float32).reshape(M, cin, taps)
     nbr = out_rows.numel() // N
     real = (out_rows >= 0).reshape(nbr, N, 1, 1)
-    src = out_rows.clamp(min=0)
-    mp = mask[src].reshape(nbr, N, cin, taps) & real
-    wp = torch.where(real, w[src].reshape(nbr, N, cin, taps), 0.0)
+    if out_rows.numel() == M and torch.equal(out_rows, torch.arange(M, dtype=out_rows.dtype)):
+        mp, wp = mask.reshape(nbr, N, cin, taps), w.reshape(nbr, N, cin, taps)  # rows in order: views, no copy
+        whole = mp.all(dim=1)
+    else:
+        src = out_rows.clamp(min=0)
+        mp = mask[src].reshape(nbr, N, cin, taps) & real
+        wp = torch.where(real, w[src].reshape(nbr, N, cin, taps), 0.0)
+        whole = (mp | ~real).all(dim=1)
     keep = mp.any(dim=1)  # [nbr, cin, taps]
-    if not torch.equal((mp | ~real).all(dim=1), keep):
+    if not torch.equal(whole, keep):
         raise LayoutError(
             f"{where}: the mask is not constant over blocks of N = {N} output channels (in perms[0] order); "
             f"it was made for another block size: use the same n for select and layout, or {GROUP_FIX}"
@@ -187,7 +194,7 @@ def pack_slots(
         row_ptr[1:] = torch.cumsum(counts, 0)
         tensors = {"values": values, "indices": indices, "row_ptr": row_ptr}
     tensors["out_rows"] = out_rows
-    kept = int(mask.sum())
+    kept = int(torch.count_nonzero(mask))
     stored = int(counts.sum()) * t_u * N  # every kept unit stores N values, padding slots included
     pad_per_row = (~real).reshape(nbr, N).sum(dim=1)
     padded = int((pad_per_row * counts).sum()) * t_u

@@ -1,4 +1,5 @@
-"""The modules that replace pruned layers: packed 1xN conv/linear, computing F.conv2d/F.linear exactly."""
+"""The modules that replace pruned layers: packed 1xN conv/linear, computing F.conv2d/F.linear exactly, and
+the fused modules that compute a layer and its epilogue (prunekit.fusion) in one kernel call."""
 
 from __future__ import annotations
 
@@ -9,11 +10,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import LayoutError
+from prunekit.fusion import Epilogue, apply_epilogue
 from prunekit.records import LayerInfo, Layout
-from prunekit_cpu1xn import ext
+from prunekit_cpu1xn import ext, ops
 from prunekit_cpu1xn.layout import densify, row_ptr_of
 
 _OP = None  # the loaded op (torch.ops.prunekit_cpu1xn.conv2d.default), looked up on first use
+_EPI = None  # torch.ops.prunekit_cpu1xn.epilogue.default
+_NO_EPILOGUE = (None, None, 0, 0, 0, 0)  # shift, residual, act, pool k/s/p
+ACT_CODES = {"": 0, "relu": 1, "relu6": 2}
+
+
+def _op():  # noqa: ANN202
+    global _OP
+    if _OP is None:
+        _OP = ops.conv2d()
+    return _OP
+
+
+def _epi():  # noqa: ANN202
+    global _EPI
+    if _EPI is None:
+        _EPI = ops.epilogue()
+    return _EPI
 
 
 class Packed1xN(nn.Module):
@@ -56,6 +75,7 @@ class Packed1xN(nn.Module):
             self.register_buffer("bias", None)
         self._dense: torch.Tensor | None = None
         self._poison = False
+        _op()  # look the op up now: traced code (torch.compile) must not meet the loader
         self._warned: set[str] = set()
         self._refresh()
 
@@ -67,6 +87,7 @@ class Packed1xN(nn.Module):
             self.values, self.indices, self.row_ptr, self.out_rows, self.slot_bias,
             self.out_channels, kh, kw, sh, sw, ph, pw, dh, dw, self.runs, self.isa, self._poison,
         )  # fmt: skip
+        self._plain = self._static + _NO_EPILOGUE
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202
         out = super()._apply(fn, *args, **kwargs)
@@ -102,22 +123,42 @@ class Packed1xN(nn.Module):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
+        if self.fast_input(x):
+            return self._call(x.contiguous())
+        return self._checked_forward(x)
+
+    def _call(self, x4: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced: name the buffers, so freezing / export see them as such
+            return _op()(x4, *self._args(), *_NO_EPILOGUE)
+        return _op()(x4, *self._plain)
+
+    def _args(self) -> tuple:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (self.values, self.indices, self.row_ptr, self.out_rows, self.slot_bias, self.out_channels,
+                kh, kw, sh, sw, ph, pw, dh, dw, self.runs, self.isa, self._poison)  # fmt: skip
+
+    def out_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        """Output height and width of the conv for input ``x`` (before any pooling)."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return ((x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+    def fast_input(self, x: torch.Tensor) -> bool:
+        """Whether the kernel takes ``x`` as it is (else forward computes densely or raises)."""
+        return (
             self.kind == "conv2d"
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and x.dim() == 4
             and x.shape[1] == self.in_channels
             and not (x.requires_grad and torch.is_grad_enabled())
-        ):
-            return self._call(x.contiguous())
-        return self._checked_forward(x)
+        )
 
-    def _call(self, x4: torch.Tensor) -> torch.Tensor:
-        global _OP
-        if _OP is None:
-            _OP = ext.load().conv2d.default
-        return _OP(x4, *self._static)
+    def call_fused(self, x4: torch.Tensor, shift: torch.Tensor | None, residual: torch.Tensor | None, act: int,
+                   pool: tuple[int, int, int]) -> torch.Tensor:  # fmt: skip
+        """conv + shift (per output channel) + residual, activation, max pooling: one kernel call."""
+        if torch.compiler.is_compiling():
+            return _op()(x4, *self._args(), shift, residual, act, *pool)
+        return _op()(x4, *self._static, shift, residual, act, *pool)
 
     def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -149,3 +190,75 @@ class Packed1xN(nn.Module):
         y = self._call(xt.view(1, self.in_channels, 1, p))
         return y.view(self.out_channels, p).t().reshape(*lead, self.out_channels)
 
+
+def _tensor_ok(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()))
+
+
+class Fused1xN(nn.Module):
+    """A packed conv followed by its epilogue (``prunekit.fusion`` chain), in one kernel call: the shift
+    initialises the accumulators, the residual is added and the activation applied in the output store, and
+    max pooling runs over the conv's output before it leaves the call.
+
+    Called as ``fused(x, *tensors)`` (the chain's ``bias`` shift, then its ``add`` residual). Inputs the
+    kernel cannot take (another dtype or device, autograd, a residual of another shape) are computed by the
+    packed module followed by the epilogue in plain torch: the answer is always the same.
+    """
+
+    def __init__(self, base: Packed1xN, epilogue: Epilogue) -> None:
+        super().__init__()
+        self.base = base
+        self.epilogue = epilogue
+        self.chain = epilogue.chain
+        self._act = ACT_CODES[epilogue.act]
+        self._pool = epilogue.pool or (0, 0, 0)
+
+    def extra_repr(self) -> str:
+        return f"+ {self.chain}"
+
+    def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        # the hot path of every fused layer: a few cheap checks (a small layer's kernel call is ~50 us)
+        ep = self.epilogue
+        shift = tensors[0] if ep.bias else None
+        residual = tensors[-1] if ep.add else None
+        base = self.base
+        if base.fast_input(x) and _tensor_ok(shift) and _tensor_ok(residual):
+            x = x.contiguous()
+            if residual is not None:
+                h, w = base.out_hw(x)
+                if residual.shape != (x.shape[0], base.out_channels, h, w):
+                    return apply_epilogue(base(x), ep, *tensors)
+                residual = residual.contiguous()
+            if shift is not None and (shift.dim() != 1 or not shift.is_contiguous()):
+                shift = shift.reshape(-1).contiguous()
+            return base.call_fused(x, shift, residual, self._act, self._pool)
+        return apply_epilogue(base(x), ep, *tensors)
+
+
+class DenseEpilogue(nn.Module):
+    """A dense conv (F.conv2d, oneDNN) followed by its epilogue in one pass of the kernel library's
+    ``epilogue`` op (shift, residual, activation, max pooling), instead of one pass per op."""
+
+    def __init__(self, conv: nn.Module, epilogue: Epilogue) -> None:
+        super().__init__()
+        _epi()  # looked up now, not under torch.compile
+        self.conv = conv
+        self.epilogue = epilogue
+        self.chain = epilogue.chain
+        self._act = ACT_CODES[epilogue.act]
+        self._pool = epilogue.pool or (0, 0, 0)
+
+    def extra_repr(self) -> str:
+        return f"+ {self.chain}"
+
+    def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        ep = self.epilogue
+        y = self.conv(x)
+        shift = tensors[0] if ep.bias else None
+        residual = tensors[1 if ep.bias else 0] if ep.add else None
+        if (
+            y.dim() == 4 and _tensor_ok(y) and _tensor_ok(shift) and _tensor_ok(residual)
+            and (residual is None or residual.shape == y.shape)
+        ):  # fmt: skip
+            return _epi()(y, None if shift is None else shift.reshape(-1).contiguous(), residual, self._act, *self._pool)
+        return apply_epilogue(y, ep, *tensors)
