@@ -173,7 +173,9 @@ def test_torchrun_masks_equal_on_every_rank_and_resume(write_registry, tmp_path)
     m1 = torch.load(one / "state.pt", weights_only=True)["masks"]
     m2 = torch.load(two / "state.pt", weights_only=True)["masks"]
     same = sum(int((m1[k] == m2[k]).sum()) for k in m1) / sum(m1[k].numel() for k in m1)
-    assert same > 0.99, same
+    # two processes reduce gradients in another order, so weights drift apart by rounding over the epochs and
+    # near-tied blocks flip (98.3-99.5 % agreement seen on Intel and AMD); unrelated masks agree far less
+    assert same > 0.97, same
     r1, r2 = (json.loads((p / "report.json").read_text()) for p in (one, two))
     assert r1["sparsity"] == pytest.approx(r2["sparsity"], abs=1e-3) and r2["processes"] == 2
     assert abs(r1["pruned_accuracy"] - r2["pruned_accuracy"]) < 3

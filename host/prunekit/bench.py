@@ -4,7 +4,9 @@ Random weights, eval mode, the pipeline's selection at the given sparsity withou
 model is checked against the masked dense model before anything is timed; the compiled model and every
 dense baseline (eager, ONNX Runtime when installed, torch.compile when asked: prunekit.baselines) run
 interleaved in one process with the same thread count (warm-up, median). The dense reference shares its
-weight tensors with the model (no second copy), so memory stays near one model plus the packed layers.
+weight tensors with the model (no second copy), the allocator's free memory is handed back between stages
+(prunekit.memory) and ONNX Runtime gets the weights from one external file, so the peak stays near the
+weights, their masks and the packed layers, plus ONNX Runtime's own copy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from prunekit import baselines
 from prunekit.calibration import synthetic
 from prunekit.errors import PrunekitError
+from prunekit.memory import peak_rss_bytes, release
 from prunekit.models import build_model, model_spec
 from prunekit.pipeline import Pipeline, check_sparsity
 from prunekit.timing import cpu_isa, cpu_model, interleaved_medians
@@ -67,6 +70,7 @@ def run_bench(
     pipeline.prune(sparsity)
     select_s = time.perf_counter() - t0
     pipeline.finalize()
+    release()  # the baked float masks and the scores: give them back before compiling lands on top of them
     reference = shared_copy(model).eval()
     x = torch.randn(batch, *spec.input_shape)
     names = list(pipeline.layers)
@@ -80,15 +84,18 @@ def run_bench(
     err = max_rel_err(out, ref_out)
     errs = layer_errors(model, captured)
     check_tolerance(f"prunekit bench {pipeline.name} on {model_name}", err, errs, pipeline.kernels(), pipeline.tolerance)
-
+    del out, ref_out
+    if not layers:  # the per-layer inputs are only for timing layers
+        captured.clear()
+    release()  # the packing's scratch, before onnxruntime loads its own copy of the weights
     runtimes = baselines.build(baselines.parse(dense_runtimes), reference, x, threads, log)
+    release()
     rows = []
     bar = tqdm(states, desc=f"bench {model_name}", unit="layer", leave=False, disable=not progress)
     for st in bar:
         bar.set_postfix(layer=st.info.name)
         compiled = model.get_submodule(st.info.name)
         dense = reference.get_submodule(st.info.name)
-        inp = captured[st.info.name].inp
         sel = st.selection
         row: dict[str, Any] = {
             "name": st.info.name,
@@ -99,6 +106,7 @@ def run_bench(
             "max_rel_err": errs[st.info.name],
         }
         if layers and st.compiled is not None:
+            inp = captured[st.info.name].inp
             t = interleaved_medians({"dense": lambda d=dense, i=inp: d(i), "sparse": lambda c=compiled, i=inp: c(i)}, warmup, repeats)
             row["dense_ms"] = t["dense"]["median_ms"]
             row["sparse_ms"] = t["sparse"]["median_ms"]
@@ -134,5 +142,7 @@ def run_bench(
         "isa": cpu_isa(),
         "torch_threads": torch.get_num_threads(),
         "repeats": repeats,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in reference.parameters()),
         "layers": rows,
     }

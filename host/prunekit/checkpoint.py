@@ -21,11 +21,14 @@ rng                one dict per process (rank order): torch CPU, CUDA (when pres
                    numpy and the training loader's generator (shuffling, augmentation) states as tensors
 history            JSON: the EpochRecords so far (the report's ``history``)
 dense              JSON: dense accuracy and where the dense weights came from (the report's fields)
+sha256             digest of everything above (``content_digest``): torch.load checks no checksum, so a
+                   flipped bit in a tensor would otherwise resume silently from different weights
 =================  ====================================================================================
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -54,6 +57,9 @@ class Checkpoint:
     rng: list[dict[str, torch.Tensor]]
     history: list[dict[str, Any]]
     dense: dict[str, Any]
+    # read from a file with a matching sha256 (False: an older prunekit's, without one): checks that the digest
+    # makes needless apply to the others
+    verified: bool = attrs.field(default=True, eq=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,8 +76,39 @@ class Checkpoint:
         }
 
 
+def content_digest(obj: Any) -> str:
+    """sha256 over a checkpoint's content in a fixed order: dict keys sorted, tensors by dtype, shape and
+    bytes, everything else as JSON."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode() + b":")
+                walk(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def save(ckpt: Checkpoint, path: Path) -> None:
-    atomic_torch_save(ckpt.to_dict(), path)
+    raw = ckpt.to_dict()
+    raw["sha256"] = content_digest(raw)
+    atomic_torch_save(raw, path)
 
 
 def load(path: Path) -> Checkpoint:
@@ -91,6 +128,12 @@ def load(path: Path) -> Checkpoint:
     missing = [k for k in _KEYS if k not in raw]
     if missing:
         raise CheckpointError(f"{path}: {CHECKPOINT_FORMAT} file without {', '.join(missing)}; {fix}")
+    verified = "sha256" in raw
+    if verified:  # files written before the digest have none: read as they are, with deeper checks
+        digest = raw.pop("sha256")
+        if not isinstance(digest, str) or content_digest(raw) != digest:
+            raise CheckpointError(f"{path}: damaged {CHECKPOINT_FORMAT} file (its content does not match its sha256: "
+                                  f"a changed bit, or an edit); {fix}")  # fmt: skip
     try:
         ckpt = Checkpoint(
             epoch=int(raw["epoch"]),
@@ -102,6 +145,7 @@ def load(path: Path) -> Checkpoint:
             rng=list(raw["rng"]),
             history=json.loads(raw["history"]),
             dense=json.loads(raw["dense"]),
+            verified=verified,
         )
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: damaged {CHECKPOINT_FORMAT} file ({exc}); {fix}") from None

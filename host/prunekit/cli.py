@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import unicodedata
+import warnings
 from typing import Any, NoReturn
 
 from prunekit.errors import PrunekitError
@@ -123,13 +126,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         format_table(
             report["layers"],
-            [("name", "layer"), ("shape", "shape"), ("pattern", "pattern"), ("sparsity", "sparsity"), ("dense_bytes", "dense B"),
+            [("name", "layer"), ("shape", "shape"), ("pattern", "pattern"), ("sparsity", "sparsity"),
+             ("requested_sparsity", "requested"), ("dense_bytes", "dense B"),
              ("packed_bytes", "packed B"), ("kernel", "kernel"), ("reason", "why dense")],
         )
     )
     line = (
         f"\n{report['pipeline']} on {report['model']}/{report['data']}: dense {report['dense_accuracy']:.2f}% -> "
-        f"pruned {report['pruned_accuracy']:.2f}% at sparsity {report['sparsity']:.4f}"
+        f"pruned {report['pruned_accuracy']:.2f}% at sparsity {report['sparsity']:.4f} (requested {report['requested_sparsity']:.4f})"
     )
     if "speedup" in report:
         line += (
@@ -161,6 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     others = ", ".join(f"{k} {v:.3f} ms" for k, v in res["baselines"].items() if k != "eager")
     print(
         f"\n{res['pipeline']} {res['model']} batch {res['batch']} threads {res['threads']} sparsity {res['achieved_sparsity']:.4f} "
+        f"(requested {res['sparsity']:.4f}) "
         f"on {res['cpu']} ({res['isa']}): sparse {res['model_sparse_ms']:.3f} ms; "
         f"{res['speedup_vs_best_dense']:.2f}x vs the fastest dense runtime ({res['best_dense']}), "
         f"{res['speedup']:.2f}x vs PyTorch eager ({res['model_dense_ms']:.3f} ms){'; ' + others if others else ''}; "
@@ -190,30 +195,53 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+TRACEBACK_ENV = "PRUNEKIT_TRACEBACK"  # set: an unexpected exception shows its traceback
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: control characters and line or paragraph separators that came from
+    the user's input (a key, a component name, a path) are written as escapes (``\\n``, ``\\x0c``, ``\\u2028``)."""
+    out = []
+    for ch in str(text).strip():
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            out.append(repr(ch)[1:-1] if ch.isascii() or ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line ``prunekit: error: ...`` (exit status 2), like every other error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"prunekit: error: {message}; see prunekit {self.prog.split(' ', 1)[-1]} --help\n")
+        self.exit(2, f"prunekit: error: {one_line(message)}; see prunekit {self.prog.split(' ', 1)[-1]} --help\n")
 
 
-def _bounded(kind: type, low: float, what: str, upper: float | None = None):  # noqa: ANN202
+def _bounded(kind: type, low: float, what: str, upper: float | None = None, most: int | None = None):  # noqa: ANN202
+    """``kind`` in ``[low, upper)`` (or ``[low, most]``): an out-of-range number is a usage error, not a hang
+    (100000 threads) or a run of 10**30 epochs."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (value >= low) or (upper is not None and not value < upper):
-            bound = f"in [{low}, {upper})" if upper is not None else f">= {low}"
+        if not (value >= low) or (upper is not None and not value < upper) or (most is not None and value > most):
+            bound = f"in [{low}, {upper})" if upper is not None else f">= {low}" + (f" and <= {most}" if most else "")
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bound}")
         return value
 
     return parse
 
 
+MAX_THREADS = max(256, 8 * (os.cpu_count() or 1))  # more spawns a pool the machine cannot run (torch hangs)
 POSITIVE = _bounded(int, 1, "an integer")
 NONNEG = _bounded(int, 0, "an integer")
 SPARSITY = _bounded(float, 0.0, "a number", 1.0)
+EPOCHS = _bounded(int, 1, "an integer", most=100_000)
+THREADS = _bounded(int, 1, "an integer", most=MAX_THREADS)
+BATCH = _bounded(int, 1, "an integer", most=4096)
+REPEATS = _bounded(int, 1, "an integer", most=100_000)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--registry", default=None)
     sp.add_argument("--model", default=None, help="model name (default: the pipeline's 'model' param)")
     sp.add_argument("--data", default="digits", help="'digits' (built in) or an ImageFolder directory with train/ and val/")
-    sp.add_argument("--epochs", type=POSITIVE, default=None, help="fine-tuning epochs (default: the pipeline's)")
-    sp.add_argument("--threads", type=POSITIVE, default=None)
-    sp.add_argument("--batch", type=POSITIVE, default=1, help="batch size for the latency measurement")
+    sp.add_argument("--epochs", type=EPOCHS, default=None, help="fine-tuning epochs (default: the pipeline's)")
+    sp.add_argument("--threads", type=THREADS, default=None)
+    sp.add_argument("--batch", type=BATCH, default=1, help="batch size for the latency measurement")
     sp.add_argument("--out", default="runs/latest", help="output directory (report.json, state.pt, pruned.pt)")
     sp.add_argument("--dense", default=None, help="trained dense weights (state_dict file) instead of training")
     sp.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
@@ -247,10 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("pipeline", nargs="?", default=None)
     sp.add_argument("--registry", default=None)
     sp.add_argument("--model", default=None)
-    sp.add_argument("--batch", type=POSITIVE, default=1)
-    sp.add_argument("--threads", type=POSITIVE, default=1)
+    sp.add_argument("--batch", type=BATCH, default=1)
+    sp.add_argument("--threads", type=THREADS, default=1)
     sp.add_argument("--sparsity", type=SPARSITY, default=None, help="fraction of weights removed (default: the pipeline's sparsity)")
-    sp.add_argument("--repeats", type=POSITIVE, default=20)
+    sp.add_argument("--repeats", type=REPEATS, default=20)
     sp.add_argument("--no-layers", action="store_true", help="time only the whole model")
     sp.add_argument("--baselines", default=None, metavar="LIST",
                     help="dense runtimes timed beside eager, comma-separated: onnxruntime (default when installed), torch.compile")  # fmt: skip
@@ -266,7 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:  # fmt: skip
+    """A warning as one line ``prunekit: warning: ...`` (a component's SparsityShortfall, a skipped plot)."""
+    print(f"prunekit: warning: {one_line(str(message))}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # no arguments: the main job on the default pipeline
@@ -274,13 +314,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PrunekitError as exc:
-        print(f"prunekit: error: {exc}", file=sys.stderr)
+        print(f"prunekit: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
     except KeyboardInterrupt:
         print("prunekit: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the machine's refusal (a full disk, permissions, a bad image file): one line
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"prunekit: error: {one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("prunekit: error: out of memory; use a smaller --batch or model, or a machine with more memory", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, not bad input: one line to the user, the traceback on request
+        if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+            print(f"prunekit: error: out of memory ({one_line(str(exc))[:160]}); use a smaller --batch or model",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"prunekit: internal error: {type(exc).__name__}: {one_line(str(exc))[:300]}; this is a bug in prunekit "
+              f"or a plugin: rerun with {TRACEBACK_ENV}=1 for the traceback and report it", file=sys.stderr)  # fmt: skip
+        return 70
 
 
 if __name__ == "__main__":

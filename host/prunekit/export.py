@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit import plugins
-from prunekit.atomic import atomic_write
+from prunekit.atomic import atomic_write, file_sha256
 from prunekit.errors import CheckpointError, MissingComponentError, PrunekitError, RegistryError
 from prunekit.pipeline import _replace_module, call_stage, layer_info, load_component, plugin_manager
 from prunekit.records import LayerInfo, Layout
@@ -128,7 +128,8 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().to("cpu").contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of a large layer
     return h.hexdigest()
 
 
@@ -563,14 +564,17 @@ def _export_checked(ort: Any, model: nn.Module, path: Path, example: torch.Tenso
     return OnnxCheck(path, opset, int(x.shape[0]), errs[-1])
 
 
-def _torch_onnx_export(model: nn.Module, example: torch.Tensor, tmp: str, opset: int, path: Path) -> None:
+def _torch_onnx_export(model: nn.Module, example: torch.Tensor, tmp: str, opset: int, path: Path, export_params: bool = True) -> None:
     # the TorchScript exporter (dynamo=False) on purpose: the dynamo one needs onnxscript, which prunekit does
     # not pin; its deprecation notices are not the user's to act on
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
+            # export_params=False (the weights as graph inputs, unfolded) for prunekit.baselines' external weights
             torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})  # fmt: skip
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                              export_params=export_params, keep_initializers_as_inputs=not export_params or None,
+                              do_constant_folding=export_params)  # fmt: skip
         except Exception as exc:
             raise PrunekitError(
                 f"{path}: torch.onnx.export failed ({type(exc).__name__}: {str(exc)[:200]}); the model must be "
@@ -592,6 +596,17 @@ def _run_report(run: Path) -> dict[str, Any]:
         raise CheckpointError(f"{run / 'report.json'}: not JSON; {hint}") from None
     if not isinstance(report, dict) or not all(isinstance(report.get(k), str) for k in ("pipeline", "model")):
         raise CheckpointError(f"{run / 'report.json'}: lacks 'pipeline' and 'model'; {hint}")
+    types = {"data": str, "num_classes": int, "latency_batch": int, "components": dict}
+    wrong = [k for k, t in types.items() if report.get(k) is not None and (not isinstance(report[k], t) or isinstance(report[k], bool))]
+    if wrong or not 1 <= report.get("latency_batch", 1) <= 4096 or not 1 <= (report.get("num_classes") or 1) <= 10**6:
+        raise CheckpointError(f"{run / 'report.json'}: {', '.join(wrong) or 'num_classes or latency_batch'} damaged; {hint}")
+    files = report.get("files")
+    if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+        raise CheckpointError(f"{run / 'report.json'}: its 'files' digests are damaged; {hint}")
+    for name, digest in (files or {}).items():  # reports written before the digests have none
+        if name in ("pruned.pt", "state.pt") and file_sha256(run / name) != digest:
+            raise CheckpointError(f"{run / name}: does not match the sha256 report.json records for it (a changed bit, "
+                                  "or another run's file); run prunekit run again")  # fmt: skip
     return report
 
 
@@ -650,7 +665,13 @@ def export_run(
     except Exception as exc:
         raise CheckpointError(f"{run / 'pruned.pt'}: does not fit {model_name} ({str(exc)[:160]}); run prunekit run again") from None
     pipe.attach(model)
-    pipe.load_state(run / "state.pt")
+    try:
+        pipe.load_state(run / "state.pt")
+    except PrunekitError:
+        raise
+    except Exception as exc:  # a damaged state dict (keys missing, wrong types): the file's fault, one line
+        raise CheckpointError(f"{run / 'state.pt'}: damaged pruning state ({type(exc).__name__}: {str(exc)[:120]}); "
+                              "run prunekit run again") from None  # fmt: skip
     pipe.finalize()
     model.eval()
     onnx_check = export_onnx(model, onnx, torch.randn(2, *shape)) if onnx is not None else None

@@ -181,7 +181,15 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
     if not source.is_file():
         raise RegistryError(f"{source}: registry file not found; pass --registry PATH or run from the project root")
     try:
-        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+        text = source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = source.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RegistryError(f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+                            "TOML files are UTF-8: save it as UTF-8") from None  # fmt: skip
+    except OSError as exc:
+        raise RegistryError(f"{source}: cannot read the registry ({exc.strerror or exc}); check the path and its permissions") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RegistryError(f"{source}: TOML syntax error: {exc}; fix the line it names") from None
     pipelines = raw.get("pipelines")

@@ -47,6 +47,8 @@ def layer_rows(states: list[LayerState], left_dense: dict[str, LeftDense] | None
                 "shape": list(st.info.weight_shape),
                 "pattern": pattern,
                 "sparsity": round(sel.sparsity, 4) if sel is not None else 0.0,
+                # what the select was asked for (components that record it in meta), beside what it achieved
+                "requested_sparsity": _requested(sel),
                 "dense_bytes": dense_bytes,
                 "packed_bytes": st.layout.nbytes if st.layout is not None else None,
                 "layout": st.layout.format if st.layout is not None else None,
@@ -59,6 +61,13 @@ def layer_rows(states: list[LayerState], left_dense: dict[str, LeftDense] | None
                      "dense_bytes": 4 * math.prod(ld.shape), "packed_bytes": None, "layout": None, "kernel": "dense",
                      "reason": ld.reason})  # fmt: skip
     return rows
+
+
+def _requested(sel: Any) -> float | None:
+    if sel is None or not isinstance(getattr(sel, "meta", None), dict):
+        return None
+    value = sel.meta.get("requested_sparsity", sel.meta.get("rate"))
+    return round(float(value), 4) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:

@@ -71,7 +71,8 @@ def test_permutation_alone_keeps_the_conv_output():
     y_perm = F.conv2d(x[:, p1], w[p0][:, p1], padding=1)
     y = torch.empty_like(y_perm)
     y[:, p0] = y_perm
-    torch.testing.assert_close(y, F.conv2d(x, w, padding=1))
+    # permuted input channels change the fp32 summation order: equal up to rounding, not bit for bit
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
