@@ -139,14 +139,24 @@ def candidates(pipe: Pipeline, model: nn.Module, reference: nn.Module, x: torch.
     return fns, errs
 
 
-def measure(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, repeats: int) -> dict[str, list[float]]:
+def measure(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, repeats: int, block: int = 1) -> dict[str, list[float]]:
     """Median ms of each candidate per round (each round one interleaved run of all candidates)."""
     per: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(rounds):
-        t = interleaved_medians(fns, warmup, repeats)
+        t = interleaved_medians(fns, warmup, repeats, block=block)
         for n in fns:
             per[n].append(t[n]["median_ms"])
     return per
+
+
+def _interleaving(rows: list[dict[str, Any]]) -> str:
+    blocks = sorted({int(r.get("block", 1)) for r in rows})
+    per_call = "alternating candidates call by call"
+    turns = ("turns of {} timed calls per candidate after one untimed call (the untimed call absorbs the previous "
+             "runtime's worker threads, which spin for a while after a call and would take the cores from the next "
+             "runtime's first call)")  # fmt: skip
+    what = [per_call if b == 1 else turns.format(b) for b in blocks]
+    return "Interleaving: " + ("; rows differ: " if len(what) > 1 else "") + " / ".join(what) + " (each row's `block` is in the .json)."
 
 
 def config_row(model_name: str, sparsity: float, batch: int, threads: int, pipe: Pipeline, per: dict[str, list[float]],
@@ -354,7 +364,7 @@ def markdown(meta: dict, rows: list[dict], profiles: list[dict]) -> str:
            "first conv and classifier dense; MobileNetV2: pointwise convs only. Times: ms, best round's median "
            f"({meta['rounds']} rounds x {meta['repeats']} interleaved repeats after {meta['warmup']} warm-up; range over "
            "rounds in brackets). Speed-ups of prunekit against the fastest dense runtime of the same round.",
-           ""]  # fmt: skip
+           _interleaving(rows), ""]  # fmt: skip
     cpus = sorted({r.get("cpu", meta["cpu"]) for r in rows} - {meta["cpu"]})
     dates = sorted({r["date"] for r in rows if "date" in r})
     if cpus:
@@ -424,6 +434,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--runtimes", default=",".join(CANDIDATES), help=f"comma list of {', '.join(CANDIDATES)} (eager always)")
     ap.add_argument("--repeats", type=int, default=30, help="timed calls per candidate per round")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--block", type=int, default=1,
+                    help="timed calls per candidate per turn, after one untimed call (1: alternate every call)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per configuration (range = run-to-run spread)")
     ap.add_argument("--profile", action="store_true", help="profile every selected configuration (default: ResNet-50 0.9 b1 t2 only)")
     ap.add_argument("--profile-only", action="store_true", help="only the profiles (no timing table rows)")
@@ -503,9 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                             t0, load0 = time.time(), os.getloadavg()[0]
                             fns, errs = candidates(pipe, model, reference, x, t, args.runtimes,
                                                    lambda msg, tag=tag: print(f"{tag}: {msg}"))  # fmt: skip
-                            row = config_row(m, s, b, t, pipe, measure(fns, args.rounds, args.warmup, args.repeats), errs)
+                            row = config_row(m, s, b, t, pipe, measure(fns, args.rounds, args.warmup, args.repeats, args.block), errs)
                             row.update(wall_s=time.time() - t0, cpu=cpu_model(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                       rounds=args.rounds, repeats=args.repeats, load=[load0, os.getloadavg()[0]])  # fmt: skip
+                                       rounds=args.rounds, repeats=args.repeats, block=args.block, load=[load0, os.getloadavg()[0]])  # fmt: skip
                             rows.append(row)
                             print(f"{tag}: " + ", ".join(f"{n} {v:.1f} ms" for n, v in row["ms"].items())
                                   + f"; prunekit vs fastest dense {row.get('prunekit_vs_best_dense', float('nan')):.2f}x"

@@ -14,8 +14,14 @@ def interleaved_medians(
     warmup: int = 3,
     repeats: int = 20,
     min_time_s: float = 0.0,
+    block: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Median and spread (ms) of each callable, run in alternating order so drift hits all alike."""
+    """Median and spread (ms) of each callable, run in alternating order so drift hits all alike.
+
+    ``block`` > 1: each turn runs one callable ``block + 1`` times in a row and times the last ``block``;
+    the untimed first call absorbs what the previous runtime left behind (ONNX Runtime's and OpenMP's
+    worker threads spin for a while after a call and take the cores from the next runtime's first call, a
+    cost no deployment running one runtime pays). ``repeats`` counts turns."""
     names = list(fns)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -27,9 +33,12 @@ def interleaved_medians(
         while i < repeats or (time.perf_counter() - start) < min_time_s:
             order = names if i % 2 == 0 else names[::-1]
             for n in order:
-                t0 = time.perf_counter()
-                fns[n]()
-                samples[n].append((time.perf_counter() - t0) * 1e3)
+                if block > 1:
+                    fns[n]()
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    fns[n]()
+                    samples[n].append((time.perf_counter() - t0) * 1e3)
             i += 1
             if i >= 10 * repeats:
                 break
