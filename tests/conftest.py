@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import prunekit.cli
 import prunekit.pipeline
 from prunekit import CompiledLayer, Layout, ScheduleDecision, Selection, hookimpl
 from prunekit.plugins import ComponentInfo
+
+# --import-mode=importlib puts no test folder on sys.path: the fuzzing tests' shared helpers (fuzzlog.py) live here
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 class Once:

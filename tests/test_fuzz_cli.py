@@ -9,7 +9,6 @@ processes. ``PRUNEKIT_FUZZ_EXAMPLES=N`` raises the number of cases; ``PRUNEKIT_F
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzzlog import examples, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,19 +69,6 @@ model = "pk_fuzz_tiny:Tiny"
 epochs = 1
 dense_epochs = 0
 """
-
-
-def examples(default: int) -> int:
-    n = int(os.environ.get("PRUNEKIT_FUZZ_EXAMPLES", "0") or 0)
-    return max(default, n * default // 40) if n else default
-
-
-def record(area: str, outcome: str, detail: str = "") -> None:
-    path = os.environ.get("PRUNEKIT_FUZZ_LOG")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # the bench counts cases per test
-            f.write(json.dumps({"area": area, "outcome": outcome, "detail": detail[:300], "test": test}) + "\n")
 
 
 FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzzlog import examples, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,19 +70,6 @@ epochs = 2
 dense_epochs = 0
 fallback = "never"
 """
-
-
-def examples(default: int) -> int:
-    n = int(os.environ.get("PRUNEKIT_FUZZ_EXAMPLES", "0") or 0)
-    return max(default, n * default // 40) if n else default
-
-
-def record(area: str, outcome: str, detail: str = "") -> None:
-    path = os.environ.get("PRUNEKIT_FUZZ_LOG")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # the bench counts cases per test
-            f.write(json.dumps({"area": area, "outcome": outcome, "detail": detail[:300], "test": test}) + "\n")
 
 
 FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))

@@ -13,7 +13,6 @@ non-finite values in the same places. Anything else -- another exception, or a d
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -22,6 +21,7 @@ from pathlib import Path
 import attrs
 import pytest
 import torch
+from fuzzlog import examples, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -40,20 +40,6 @@ PAIRS = sorted(
 TRITON = {n for n in PAIRS if REGISTRY.pipelines[n].kernel == "triton-block"}
 # NaN/Inf weights: the host refuses them for every select (Pipeline.prune keeps the layer dense, with the
 # reason), since W * mask (NaN * 0 = NaN) and a kernel (the weight dropped) would disagree.
-
-
-def examples(default: int) -> int:
-    """CI default, or $PRUNEKIT_FUZZ_EXAMPLES (the reliability run) scaled by this test's share."""
-    n = int(os.environ.get("PRUNEKIT_FUZZ_EXAMPLES", "0") or 0)
-    return max(default, n * default // 40) if n else default
-
-
-def record(area: str, outcome: str, detail: str = "") -> None:
-    path = os.environ.get("PRUNEKIT_FUZZ_LOG")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # the bench counts cases per test
-            f.write(json.dumps({"area": area, "outcome": outcome, "detail": detail[:300], "test": test}) + "\n")
 
 
 # ---------------------------------------------------------------- the cases

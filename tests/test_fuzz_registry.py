@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 import pytest
+from fuzzlog import examples, record
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -35,19 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = load_registry(ROOT / "registry.toml")
 REAL_TEXT = (ROOT / "registry.toml").read_text(encoding="utf-8")
 HOST_KEYS = sorted(f.name for f in attrs.fields(HostParams))
-
-
-def examples(default: int) -> int:
-    n = int(os.environ.get("PRUNEKIT_FUZZ_EXAMPLES", "0") or 0)
-    return max(default, n * default // 40) if n else default
-
-
-def record(area: str, outcome: str, detail: str = "") -> None:
-    path = os.environ.get("PRUNEKIT_FUZZ_LOG")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # the bench counts cases per test
-            f.write(json.dumps({"area": area, "outcome": outcome, "detail": detail[:300], "test": test}) + "\n")
 
 
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,

@@ -195,7 +195,25 @@ def _tensor_ok(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()))
 
 
-class Fused1xN(nn.Module):
+class _WithEpilogue(nn.Module):
+    """What both fused modules hold: the epilogue, its kernel codes, and how a call's tensors split."""
+
+    def __init__(self, epilogue: Epilogue) -> None:
+        super().__init__()
+        self.epilogue = epilogue
+        self.chain = epilogue.chain
+        self._act = ACT_CODES[epilogue.act]
+        self._pool = epilogue.pool or (0, 0, 0)
+
+    def extra_repr(self) -> str:
+        return f"+ {self.chain}"
+
+    def split(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(shift, residual) of ``fused(x, *tensors)``: the chain's ``bias`` tensor first, then ``add``'s."""
+        return (tensors[0] if self.epilogue.bias else None), (tensors[-1] if self.epilogue.add else None)
+
+
+class Fused1xN(_WithEpilogue):
     """A packed conv followed by its epilogue (``prunekit.fusion`` chain), in one kernel call: the shift
     initialises the accumulators, the residual is added and the activation applied in the output store, and
     max pooling runs over the conv's output before it leaves the call.
@@ -206,21 +224,13 @@ class Fused1xN(nn.Module):
     """
 
     def __init__(self, base: Packed1xN, epilogue: Epilogue) -> None:
-        super().__init__()
+        super().__init__(epilogue)
         self.base = base
-        self.epilogue = epilogue
-        self.chain = epilogue.chain
-        self._act = ACT_CODES[epilogue.act]
-        self._pool = epilogue.pool or (0, 0, 0)
-
-    def extra_repr(self) -> str:
-        return f"+ {self.chain}"
 
     def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         # the hot path of every fused layer: a few cheap checks (a small layer's kernel call is ~50 us)
         ep = self.epilogue
-        shift = tensors[0] if ep.bias else None
-        residual = tensors[-1] if ep.add else None
+        shift, residual = self.split(tensors)
         base = self.base
         if base.fast_input(x) and _tensor_ok(shift) and _tensor_ok(residual):
             x = x.contiguous()
@@ -235,27 +245,19 @@ class Fused1xN(nn.Module):
         return apply_epilogue(base(x), ep, *tensors)
 
 
-class DenseEpilogue(nn.Module):
+class DenseEpilogue(_WithEpilogue):
     """A dense conv (F.conv2d, oneDNN) followed by its epilogue in one pass of the kernel library's
     ``epilogue`` op (shift, residual, activation, max pooling), instead of one pass per op."""
 
     def __init__(self, conv: nn.Module, epilogue: Epilogue) -> None:
-        super().__init__()
+        super().__init__(epilogue)
         _epi()  # looked up now, not under torch.compile
         self.conv = conv
-        self.epilogue = epilogue
-        self.chain = epilogue.chain
-        self._act = ACT_CODES[epilogue.act]
-        self._pool = epilogue.pool or (0, 0, 0)
-
-    def extra_repr(self) -> str:
-        return f"+ {self.chain}"
 
     def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         ep = self.epilogue
         y = self.conv(x)
-        shift = tensors[0] if ep.bias else None
-        residual = tensors[1 if ep.bias else 0] if ep.add else None
+        shift, residual = self.split(tensors)
         if (
             y.dim() == 4 and _tensor_ok(y) and _tensor_ok(shift) and _tensor_ok(residual)
             and (residual is None or residual.shape == y.shape)
