@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "benches"))
 from cpu1xn_table import geomean, keep_freed_memory  # noqa: E402
 from prunekit_cpu1xn import ext  # noqa: E402
 from prunekit_cpu1xn.modules import Packed1xN  # noqa: E402
+from prunekit_cpu1xn.testing import trained_like_bn  # noqa: E402
 
 from prunekit import baselines, fusion  # noqa: E402
 from prunekit.models import build_model  # noqa: E402
@@ -69,20 +70,6 @@ OUT = ROOT / "benches" / "results" / "cpu_whole_model.md"
 
 
 # ---------------------------------------------------------------- the models
-
-
-@torch.no_grad()
-def trained_like_bn(model: nn.Module, seed: int) -> None:
-    """BatchNorm statistics and affine parameters like a trained model's (random init has shift 0, which would
-    let the fused model skip the BN shift: an unfair advantage)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
 
 
 def pruned(model_name: str, sparsity: float, seed: int = 0) -> tuple[Pipeline, nn.Module, nn.Module]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzzlog import examples, record
 
 import prunekit.runjob
 from prunekit import checkpoint
@@ -76,19 +77,6 @@ dense_epochs = 0
 scope = "global"
 ties = "keep"
 """
-
-
-def examples(default: int) -> int:
-    n = int(os.environ.get("PRUNEKIT_FUZZ_EXAMPLES", "0") or 0)
-    return max(default, n * default // 40) if n else default
-
-
-def record(area: str, outcome: str, detail: str = "") -> None:
-    path = os.environ.get("PRUNEKIT_FUZZ_LOG")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # the bench counts cases per test
-            f.write(json.dumps({"area": area, "outcome": outcome, "detail": detail[:300], "test": test}) + "\n")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fuzzlog import examples, record
+from fuzzlog import examples, run_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -211,17 +211,6 @@ def damage(draw: st.DrawFn, data: bytes, structure=None) -> tuple[str, bytes]:
     buf = io.BytesIO()
     torch.save(changed, buf)
     return f"{path} = {'deleted' if value is _DEL else repr(value)[:40]}", buf.getvalue()
-
-
-def run_case(area: str, fn, *args) -> None:
-    try:
-        outcome = fn(*args)
-    except AssertionError as exc:
-        record(area, "failure", str(exc))
-        if not os.environ.get("PRUNEKIT_FUZZ_KEEP_GOING"):
-            raise
-        return
-    record(area, outcome)
 
 
 def same_run(a: Path, b: Path) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import attrs
 import pytest
-from fuzzlog import examples, record
+from fuzzlog import examples, run_case
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -241,17 +240,6 @@ def check_registry(path: Path, name: str | None, key: str | None, capsys) -> str
         return listed
     code, err = cli(["run", name, "--registry", str(path), "--no-progress"], capsys)
     return assert_clean(code, err, path, key, f"run {name}")
-
-
-def run_case(area: str, fn, *args) -> None:
-    try:
-        outcome = fn(*args)
-    except AssertionError as exc:
-        record(area, "failure", str(exc))
-        if not os.environ.get("PRUNEKIT_FUZZ_KEEP_GOING"):
-            raise
-        return
-    record(area, outcome)
 
 
 @fuzz(150)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from prunekit_cpu1xn.modules import Packed1xN
-from prunekit_cpu1xn.testing import rel_err
+from prunekit_cpu1xn.testing import rel_err, trained_like_bn
 from torch import nn
 
 from prunekit import fusion
@@ -20,25 +20,13 @@ pytestmark = pytest.mark.usefixtures("needs_kernel")
 REGISTRY = Path(__file__).resolve().parents[3] / "registry.toml"
 
 
-@torch.no_grad()
-def _trained_like(model: nn.Module) -> None:
-    gen = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
-
-
 def _fused(name: str, sparsity: float, fallback: str) -> tuple[Pipeline, nn.Module, nn.Module]:
     torchvision = pytest.importorskip("torchvision")
     pytest.importorskip("prunekit_subp")
     pytest.importorskip("prunekit_schedules")
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
-    _trained_like(model)
+    trained_like_bn(model, 3)
     reference = copy.deepcopy(model)
     pipe = Pipeline.load("subp-1x16-cpu", REGISTRY)
     pipe.host.keep_first_dense = pipe.host.keep_last_dense = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from prunekit.records import CompiledLayer, LayerInfo, Selection
 from prunekit_cpu1xn.kernel import Cpu1xN, build
@@ -82,3 +83,17 @@ def conv_layer(name: str, cin: int, cout: int, k: int, stride: int = 1) -> Layer
     return LayerInfo(
         name=name, kind="conv2d", weight_shape=(cout, cin, k, k), stride=(stride, stride), padding=(k // 2, k // 2)
     )
+
+
+@torch.no_grad()
+def trained_like_bn(model: nn.Module, seed: int) -> None:
+    """BatchNorm statistics and affine parameters like a trained model's (random init has shift 0, which would
+    let a fused model skip the BN shift: an unfair advantage in a benchmark, an untested path in a test)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+            m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
