@@ -66,7 +66,7 @@ def layer_rows(states: list[LayerState], left_dense: dict[str, LeftDense] | None
 def _requested(sel: Any) -> float | None:
     if sel is None or not isinstance(getattr(sel, "meta", None), dict):
         return None
-    value = sel.meta.get("requested_sparsity", sel.meta.get("rate"))
+    value = sel.meta.get("requested_sparsity")
     return round(float(value), 4) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 

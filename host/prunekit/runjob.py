@@ -271,12 +271,10 @@ def _restore(pipe: Pipeline, model: torch.nn.Module, saved: Checkpoint, path: Pa
     _check_state_coverage(saved, path)
     try:  # the fine-tuning loop loads it into its optimizer: fail here, naming the file, if it cannot
         fresh.load_state_dict(saved.optimizer)
-        for state in fresh.state.values():  # a damaged buffer of the right keys but the wrong shape or dtype
+        for p, state in fresh.state.items():  # a damaged buffer of the right keys but the wrong dtype or shape
             for k, t in state.items():
                 if isinstance(t, torch.Tensor) and k != "step" and not torch.is_floating_point(t):
                     raise TypeError(f"{k} is {t.dtype}")
-        for p, state in fresh.state.items():
-            for k, t in state.items():
                 if isinstance(t, torch.Tensor) and k != "step" and t.shape != p.shape:
                     raise ValueError(f"{k} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
     except Exception as exc:

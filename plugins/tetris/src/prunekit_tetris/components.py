@@ -125,6 +125,7 @@ def _select(layer: LayerInfo, weight: torch.Tensor, scores: torch.Tensor, sparsi
         "pattern": describe(layer, plan),
         "block": list(plan.block),
         "rate": rate,
+        "requested_sparsity": rate,  # the host's report column (the layer's own rate under a published config)
         # count_nonzero, not mask.float().mean() or mask.sum(): no fp32 or int64 copy of the layer (392 MiB for VGG16 fc6) for one number
         "achieved_sparsity": 1.0 - int(torch.count_nonzero(res.mask)) / max(res.mask.numel(), 1),
         **res.meta(),
